@@ -1,0 +1,83 @@
+"""Encoder channels: turn encoder features into a latent code z.
+
+A channel returns an `Encoding`. The Echo channel knows its rate exactly (Eq. 4); stochastic
+channels (Gaussian, IAF) return log q(z|x) and leave the rate to the method's marginal.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .noise import clip_factor as solve_clip_factor
+from .noise import echo_rate, echo_sample
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Encoding:
+    z: Tensor                          # [B, D] latent sample
+    log_q: Tensor | None = None        # [B] log q(z|x) of this sample (stochastic channels)
+    rate: Tensor | None = None         # [B] exact rate in nats (Echo)
+    gaussian: tuple[Tensor, Tensor] | None = None  # (mu, logvar) when q(z|x) is a plain Gaussian
+
+
+class EchoChannel(nn.Module):
+    """f = tanh(Dense), log S = log_sigmoid(Dense) + log r; z = f + S eps (Eq. 1-3).
+
+    r is the clipping factor (Sec. 5): by default the largest r that keeps the truncated Echo
+    sum exact to float32 precision with d_max = batch_size - 1 terms.
+    """
+
+    exact_rate = True
+
+    def __init__(self, in_features: int, latent_dim: int, *, clip_factor: float | None = None,
+                 d_max: int | None = None, replace: bool = False, batch_size: int = 100):
+        super().__init__()
+        self.f_head = nn.Linear(in_features, latent_dim)
+        self.log_s_head = nn.Linear(in_features, latent_dim)
+        self.d_max = d_max
+        self.replace = replace
+        terms = d_max if d_max is not None else batch_size - 1
+        self.clip_factor = float(clip_factor) if clip_factor is not None else solve_clip_factor(terms)
+        if not 0 < self.clip_factor < 1:
+            raise ValueError(f"clip_factor must lie in (0, 1), got {self.clip_factor}")
+        self.log_clip = math.log(self.clip_factor)
+
+    def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        f = torch.tanh(self.f_head(h))
+        log_s = nn.functional.logsigmoid(self.log_s_head(h)) + self.log_clip
+        return f, log_s
+
+    def forward(self, h: Tensor) -> Encoding:
+        f, log_s = self.heads(h)
+        d_max = self.d_max
+        if d_max is not None and not self.replace:
+            # A short final evaluation batch has fewer others than d_max.
+            d_max = min(d_max, h.shape[0] - 1)
+        z = echo_sample(f, log_s, d_max=d_max, replace=self.replace, check=False)
+        return Encoding(z=z, rate=echo_rate(log_s))
+
+
+class GaussianChannel(nn.Module):
+    """Diagonal Gaussian q(z|x) = N(mu(x), diag exp(logvar(x))), reparameterised."""
+
+    exact_rate = False
+
+    def __init__(self, in_features: int, latent_dim: int):
+        super().__init__()
+        self.mu_head = nn.Linear(in_features, latent_dim)
+        self.logvar_head = nn.Linear(in_features, latent_dim)
+
+    def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mu_head(h), self.logvar_head(h)
+
+    def forward(self, h: Tensor) -> Encoding:
+        mu, logvar = self.params(h)
+        noise = torch.randn_like(mu)
+        z = mu + (0.5 * logvar).exp() * noise
+        log_q = -0.5 * (noise.pow(2) + logvar + LOG_2PI).sum(-1)
+        return Encoding(z=z, log_q=log_q, gaussian=(mu, logvar))

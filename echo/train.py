@@ -1,0 +1,302 @@
+"""One readable training loop for every method (the paper's recipe by default).
+
+    python -m echo.train --method echo --dataset binary_mnist --beta 1.0 --epochs 200 --out runs/x
+
+Adam 3e-4, batch 100, learning rate constant for the first half of training and then linearly
+decayed to 0 (App. B). Data sets live on the device and are batched by indexing. Each epoch
+reports train and test rate, distortion and -ELBO (= rate + distortion, whatever beta) in nats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .data import load_dataset, load_prepared
+from .methods import Autoencoder, build_model
+
+METRIC_NAMES = ("rate", "distortion", "neg_elbo")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass
+class TrainConfig:
+    method: str = "echo"
+    dataset: str = "binary_mnist"
+    data_root: str | None = None        # None: $ECHO_DATA_ROOT or data/raw
+    prepared: str | None = None         # a .npz written by stages/prepare (else raw files)
+    arch: str = "conv"
+    latent_dim: int = 32
+    beta: float = 1.0
+    epochs: int = 200
+    batch_size: int = 100
+    lr: float = 3e-4
+    lr_decay_start: float = 0.5         # fraction of training after which lr decays linearly to 0
+    seed: int = 0
+    device: str = "auto"
+    train_limit: int | None = None      # use only the first N training examples (quick runs)
+    test_limit: int | None = None
+    method_options: dict = field(default_factory=dict)
+    out: str | None = None              # directory for metrics.json and checkpoint.pt
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "latent_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: Echo noise uses the other examples")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.lr_decay_start <= 1:
+            raise ValueError(f"lr_decay_start must lie in [0, 1], got {self.lr_decay_start!r}")
+
+
+@dataclass
+class FitResult:
+    model: Autoencoder
+    history: list[dict]          # one dict of metrics per epoch
+    metrics: dict                # the last epoch's metrics
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total_steps: int, decay_start: float) -> float:
+    """1 until `decay_start` of training, then linearly down to 0 at the last step."""
+    start = int(decay_start * total_steps)
+    if step < start:
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - start))
+
+
+def load_train_test(config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """Training and test images, from a prepared .npz when given, else from the raw files."""
+    if config.prepared is not None:
+        return (load_prepared(config.prepared, "train")[0], load_prepared(config.prepared, "test")[0])
+    return (load_dataset(config.dataset, "train", config.data_root)[0],
+            load_dataset(config.dataset, "test", config.data_root)[0])
+
+
+def make_model(config: TrainConfig, input_shape: tuple[int, ...]) -> Autoencoder:
+    options = dict(config.method_options)
+    if config.method == "echo":
+        options.setdefault("batch_size", config.batch_size)
+    return build_model(config.method, arch=config.arch, latent_dim=config.latent_dim,
+                       input_shape=input_shape, **options)
+
+
+def batches(n: int, batch_size: int, *, shuffle: bool, generator=None, device=None):
+    """Index tensors of each batch. Training drops a last batch smaller than half a batch
+    (Echo noise needs other examples); evaluation folds a tiny remainder into the last batch."""
+    order = torch.randperm(n, generator=generator, device=device) if shuffle else \
+        torch.arange(n, device=device)
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+    return chunks
+
+
+@torch.no_grad()
+def evaluate(model: Autoencoder, x: Tensor, batch_size: int, beta: float = 1.0) -> dict:
+    """Mean rate, distortion and -ELBO (nats) over a data set, without gradients."""
+    model.eval()
+    sums = torch.zeros(3, device=x.device)
+    for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
+        out = model(x[idx], beta)
+        sums += torch.stack([out.rate.sum(), out.distortion.sum(),
+                             (out.rate + out.distortion).sum()])
+    model.train()
+    return dict(zip(METRIC_NAMES, (sums / len(x)).tolist()))
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file so that a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    _atomic_write(Path(path), lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (tensors and plain data only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
+                         f"delete it to retrain from scratch") from err
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Autoencoder, TrainConfig]:
+    """Rebuild a trained model from a checkpoint written by `fit`."""
+    state = load_checkpoint(path)
+    config = TrainConfig(**{**state["config"], "progress": False})
+    model = make_model(config, tuple(state["input_shape"]))
+    model.load_state_dict(state["model"])
+    return model.to(device), config
+
+
+def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict]], None] | None = None,
+        resume: dict | None = None) -> FitResult:
+    """Train one model. `on_epoch(epoch, metrics, state)` is called after every epoch; `state()`
+    builds a checkpoint dict that `fit(config, resume=...)` continues from."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    x_train, x_test = load_train_test(config)
+    x_train = x_train[: config.train_limit].to(device)     # on the device once, batched by index
+    x_test = x_test[: config.test_limit].to(device)
+    if len(x_train) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training "
+                         f"examples of {config.dataset}")
+    input_shape = tuple(x_train.shape[1:])
+
+    model = make_model(config, input_shape).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = len(batches(len(x_train), config.batch_size, shuffle=False))
+    total_steps = config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, config.lr_decay_start))
+    history: list[dict] = []
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        history = list(resume["history"])
+        first_epoch = int(resume["epoch"]) + 1
+
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "epoch": len(history), "history": history, "config": asdict(config),
+                "input_shape": list(input_shape)}
+
+    progress = _progress(config, first_epoch)
+    for epoch in range(first_epoch, config.epochs + 1):
+        start = time.perf_counter()
+        sums = torch.zeros(3, device=device)
+        seen = 0
+        for idx in batches(len(x_train), config.batch_size, shuffle=True, device=device):
+            out = model(x_train[idx], config.beta)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([out.rate.sum(), out.distortion.sum(),
+                                 (out.rate + out.distortion).sum()]).detach()
+            seen += len(idx)
+        train = (sums / seen).tolist()
+        if not all(math.isfinite(v) for v in train):
+            raise NonFiniteLossError(f"non-finite training loss at epoch {epoch} "
+                                     f"(rate, distortion, -ELBO = {train})")
+        test = evaluate(model, x_test, config.batch_size, config.beta)
+        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_seconds": time.perf_counter() - start,
+                   **{f"train_{k}": v for k, v in zip(METRIC_NAMES, train)},
+                   **{f"test_{k}": v for k, v in test.items()}}
+        history.append(metrics)
+        progress(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, state)
+
+    if config.out is not None:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out / "checkpoint.pt", state())
+        _atomic_write(out / "metrics.json",
+                      lambda p: p.write_text(json.dumps(history[-1] if history else {}, indent=2)))
+    return FitResult(model=model, history=history, metrics=history[-1] if history else {})
+
+
+def _progress(config: TrainConfig, first_epoch: int) -> Callable[[dict], None]:
+    """A tqdm bar over epochs when tqdm is installed and asked for; otherwise silent."""
+    if not config.progress:
+        return lambda metrics: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return lambda m: print(f"epoch {m['epoch']}: test -ELBO {m['test_neg_elbo']:.2f}",
+                               file=sys.stderr)
+    bar = tqdm(total=config.epochs, initial=first_epoch - 1, desc=f"{config.method} β={config.beta}",
+               unit="epoch")
+
+    def update(m: dict) -> None:
+        bar.set_postfix(rate=f"{m['test_rate']:.2f}", dist=f"{m['test_distortion']:.2f}",
+                        neg_elbo=f"{m['test_neg_elbo']:.2f}")
+        bar.update(1)
+        if m["epoch"] == config.epochs:
+            bar.close()
+    return update
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--option expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m echo.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default=defaults.method)
+    p.add_argument("--dataset", default=defaults.dataset)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--arch", default=defaults.arch)
+    p.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
+    p.add_argument("--beta", type=float, default=defaults.beta)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--option", type=_parse_option, action="append", default=[],
+                   help="method option key=value, e.g. clip_factor=0.8 (repeatable)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        config = TrainConfig(method=args.method, dataset=args.dataset, data_root=args.data_root,
+                             arch=args.arch, latent_dim=args.latent_dim, beta=args.beta,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, device=args.device, train_limit=args.train_limit,
+                             test_limit=args.test_limit, method_options=dict(args.option),
+                             out=args.out, progress=not args.no_progress)
+        result = fit(config)
+    except (ValueError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

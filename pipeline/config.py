@@ -1,0 +1,184 @@
+"""The one validated schema of params.yaml. Every stage reads its settings through `load_params`.
+
+Unknown keys and bad values fail before anything starts, with the field, the value and the
+allowed range in the message.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from echo import METHODS, clip_factor as solve_clip_factor
+from echo.data import DATASETS
+from echo.networks import ARCHITECTURES
+
+PARAMS_FILE = "params.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Strict):
+    dataset: str = "digits"
+    raw_dir: str = "data/raw"               # where raw files are (or are downloaded to)
+    prepared_dir: str = "data/prepared"     # stages/prepare writes <dataset>.npz here
+
+    @field_validator("dataset")
+    @classmethod
+    def known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of {list(DATASETS)}")
+        return v
+
+    @property
+    def prepared_path(self) -> Path:
+        return Path(self.prepared_dir) / f"{self.dataset}.npz"
+
+
+class TrainParams(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(100, ge=2)
+    lr: float = Field(3e-4, gt=0, le=1)
+    lr_decay_start: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+    device: str = "auto"
+    d_max: int | None = Field(None, ge=1)   # Echo terms; None: batch_size - 1
+    replace: bool = False                   # Echo noise drawn with replacement
+
+
+class Range(Strict):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low={self.low} must be below high={self.high}")
+        return self
+
+
+class SearchParams(Strict):
+    """Optuna (through Ray Tune) tunes these per grid point; None keeps train.lr / the solved r."""
+    num_samples: int = Field(1, ge=1)
+    lr: Range | None = None
+    clip_factor: Range | None = None
+    metric: str = "test_neg_elbo"
+
+
+class ResourceParams(Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)             # fractions let several small trials share one GPU
+
+
+class SweepParams(Strict):
+    name: str = "rd_sweep"
+    methods: list[str] = ["echo", "vae", "infovae"]
+    betas: list[float] = [0.1, 0.3, 0.6, 1.0, 1.5, 3.0]
+    archs: list[Literal["conv", "mlp"]] = ["mlp"]
+    latent_dims: list[int] = [32]
+    search: SearchParams = SearchParams()
+    asha: bool = False
+    resources: ResourceParams = ResourceParams()
+    max_concurrent: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every: int = Field(5, ge=1)
+    storage_path: str = "ray_results"
+    train_limit: int | None = Field(None, ge=2)
+    test_limit: int | None = Field(None, ge=2)
+
+    @field_validator("methods")
+    @classmethod
+    def known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        if not v:
+            raise ValueError("at least one method is needed")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def positive_betas(cls, v: list[float]) -> list[float]:
+        bad = [b for b in v if not b > 0]
+        if bad or not v:
+            raise ValueError(f"betas must be a non-empty list of numbers > 0, got {v}")
+        return v
+
+    @field_validator("latent_dims")
+    @classmethod
+    def positive_dims(cls, v: list[int]) -> list[int]:
+        if not v or any(d < 1 for d in v):
+            raise ValueError(f"latent_dims must be a non-empty list of integers >= 1, got {v}")
+        return v
+
+
+class TrackingParams(Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "echo-rd"
+
+
+class EvaluateParams(Strict):
+    iwae_k: int = Field(1000, ge=1)
+    batch_size: int = Field(100, ge=2)
+    test_limit: int | None = Field(None, ge=2)
+
+
+class FrontierParams(Strict):
+    recon_samples: int = Field(10, ge=1)     # encoder samples averaged per reconstruction
+
+
+class Params(Strict):
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    sweep: SweepParams = SweepParams()
+    tracking: TrackingParams = TrackingParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    frontier: FrontierParams = FrontierParams()
+
+    @model_validator(mode="after")
+    def echo_sum_is_exact(self):
+        """Echo's truncated sum must stay below float precision: d_max < batch size without
+        replacement, and the clipping factor at most the solved r for that d_max."""
+        d_max = self.train.d_max if self.train.d_max is not None else self.train.batch_size - 1
+        if not self.train.replace and d_max >= self.train.batch_size:
+            raise ValueError(f"train.d_max={d_max} must be < train.batch_size="
+                             f"{self.train.batch_size} without replacement")
+        r_max = solve_clip_factor(d_max)
+        clip = self.sweep.search.clip_factor
+        if clip is not None and clip.high > r_max:
+            raise ValueError(f"sweep.search.clip_factor.high={clip.high} exceeds {r_max:.4f}, the "
+                             f"largest clipping factor whose truncated Echo tail stays below "
+                             f"float32 precision with d_max={d_max}; allowed range (0, {r_max:.4f}]")
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unparsable or invalid; the message names file and field."""
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(f"{path}: " + format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: field path, the value given and what is allowed."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        given = e.get("input")
+        lines.append(f"{field}: {e['msg']} (got {given!r})")
+    return "; ".join(lines)
