@@ -6,11 +6,13 @@ channels (Gaussian, IAF) return log q(z|x) and leave the rate to the method's ma
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .flows import PAPER_HIDDEN, PAPER_STEPS, AutoregressiveFlow
 from .noise import clip_factor as solve_clip_factor
 from .noise import echo_rate, echo_sample
 
@@ -81,3 +83,26 @@ class GaussianChannel(nn.Module):
         z = mu + (0.5 * logvar).exp() * noise
         log_q = -0.5 * (noise.pow(2) + logvar + LOG_2PI).sum(-1)
         return Encoding(z=z, log_q=log_q, gaussian=(mu, logvar))
+
+
+class IAFChannel(GaussianChannel):
+    """Inverse autoregressive flow encoder (Kingma et al. 2016): a Gaussian sample z_0 = mu(x) +
+    sigma(x) * eps, then `steps` autoregressive steps conditioned on the encoder features h:
+
+        z_T = flow(z_0, h),   log q(z_T|x) = log q_0(z_0|x) - log|det dz_T/dz_0|
+
+    (the log-determinant is 0 for the paper's mean-only steps). `params(h)` is the base
+    Gaussian; q(z|x) itself is not Gaussian, so `Encoding.gaussian` is None and the rate is the
+    single-sample log q(z|x) - log p(z).
+    """
+
+    def __init__(self, in_features: int, latent_dim: int, *, steps: int = PAPER_STEPS,
+                 hidden: Sequence[int] = PAPER_HIDDEN, affine: bool = False):
+        super().__init__(in_features, latent_dim)
+        self.flow = AutoregressiveFlow(latent_dim, steps, hidden, context_dim=in_features,
+                                       affine=affine)
+
+    def forward(self, h: Tensor) -> Encoding:
+        base = super().forward(h)
+        z, log_det = self.flow(base.z, h)
+        return Encoding(z=z, log_q=base.log_q - log_det)
