@@ -19,13 +19,29 @@ PARAMS_FILE = "params.yaml"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML would pass a `gt=0` bound (beta, cpu).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_booleans_as_numbers(cls, value, info):
+        """YAML reads yes/no/on/off/true as booleans, which pydantic would quietly turn into 1/0
+        (`epochs: yes` -> 1 epoch): outside a bool field a boolean is a typo, refuse it."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if bool in (annotation, *getattr(annotation, "__args__", ())):
+            return value
+        if any(isinstance(item, bool) for item in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"a boolean is not allowed here, got {value!r}")
+        return value
 
 
 class DataParams(Strict):
     dataset: str = "digits"
     raw_dir: str = "data/raw"               # where raw files are (or are downloaded to)
     prepared_dir: str = "data/prepared"     # stages/prepare writes <dataset>.npz here
+    download: bool = True                   # fetch missing raw files from the official mirrors
+    binarization_seed: int = Field(0, ge=0)  # static binarization seed, recorded in the manifest
+    check_sizes: bool = True                # raw files must have the canonical image counts
 
     @field_validator("dataset")
     @classmethod
@@ -66,7 +82,16 @@ class SearchParams(Strict):
     num_samples: int = Field(1, ge=1)
     lr: Range | None = None
     clip_factor: Range | None = None
-    metric: str = "test_neg_elbo"
+    metric: str = "test_neg_elbo"         # minimised; test_loss = test D + beta * test R
+
+    @field_validator("metric")
+    @classmethod
+    def reported_metric(cls, v: str) -> str:
+        allowed = [f"{split}_{name}" for split in ("test", "train")
+                   for name in ("neg_elbo", "loss", "rate", "distortion")]
+        if v not in allowed:
+            raise ValueError(f"unknown metric {v!r}; choose one of {allowed}")
+        return v
 
 
 class ResourceParams(Strict):
@@ -89,6 +114,15 @@ class SweepParams(Strict):
     storage_path: str = "ray_results"
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=2)
+
+    @field_validator("methods", "betas", "archs", "latent_dims")
+    @classmethod
+    def no_duplicates(cls, v: list) -> list:
+        # Each grid point names one trial (e.g. echo_b0.3_mlp_z32): duplicates would collide.
+        repeated = sorted({x for x in v if v.count(x) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"values must be distinct, {repeated} repeated in {v}")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -166,8 +200,14 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: not found; run from the project root or pass --params")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot be read ({err}); fix or restore the file") from err
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+        # One line: PyYAML's own message spans several lines with a caret diagram.
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from err
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
