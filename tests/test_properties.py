@@ -128,7 +128,11 @@ SEMANTIC_BAD = {
     | st.just([]),
     "sweep.latent_dims": st.lists(st.integers(max_value=0), min_size=1, max_size=2) | st.just([]),
     "sweep.archs": st.lists(NONSENSE, min_size=1, max_size=2),
+    "sweep.search.metric": NONSENSE,
 }
+# Grid lists name one trial per value: a repeated value is refused too.
+REPEATED = {"sweep.methods": ["echo", "echo"], "sweep.betas": [1.0, 0.5, 1.0],
+            "sweep.archs": ["mlp", "mlp"], "sweep.latent_dims": [8, 8]}
 
 
 @st.composite
@@ -142,6 +146,8 @@ def bad_field(draw):
         strategies.append(bounded)
     if dotted in SEMANTIC_BAD:
         strategies.append(SEMANTIC_BAD[dotted])
+    if dotted in REPEATED:
+        strategies.append(st.just(REPEATED[dotted]))
     value = draw(st.one_of(strategies))
     raw: dict = {}
     node = raw
@@ -220,8 +226,8 @@ def test_echo_exactness_rule_is_exactly_the_truncation_bound(tmp_path, batch_siz
 @PROPERTY_SETTINGS
 @given(epochs=st.integers(1, 10**6), batch_size=st.integers(2, 10**4),
        lr=st.floats(1e-8, 1.0), lr_decay_start=st.floats(0.0, 1.0),
-       betas=st.lists(st.floats(1e-6, 1e6), min_size=1, max_size=4),
-       methods=st.lists(st.sampled_from(sorted(METHODS)), min_size=1, max_size=3),
+       betas=st.lists(st.floats(1e-6, 1e6), min_size=1, max_size=4, unique=True),
+       methods=st.lists(st.sampled_from(sorted(METHODS)), min_size=1, max_size=3, unique=True),
        dataset=st.sampled_from(DATASETS))
 def test_in_range_values_are_accepted(tmp_path, epochs, batch_size, lr, lr_decay_start, betas,
                                       methods, dataset):
