@@ -1,0 +1,1 @@
+"""DVC stage entry points, each run as `python -m stages.<name> [--params params.yaml]`."""
