@@ -70,11 +70,11 @@ def _other_indices(batch: int, d_max: int, replace: bool, device, generator) -> 
         shift = torch.randint(1, batch, (batch, d_max), device=device, generator=generator)
         return (torch.arange(batch, device=device).unsqueeze(1) + shift) % batch
     # Without replacement: a random ordering of the others. Sorting iid uniform keys gives a
-    # uniform permutation per row; the diagonal key is pushed past every other so that i lands
-    # last and is cut off by the slice (d_max <= B-1).
-    keys = torch.rand(batch, batch, device=device, generator=generator)
-    keys.fill_diagonal_(2.0)
-    return keys.argsort(dim=1)[:, :d_max]
+    # uniform permutation of 0..B-2 per row; shifting the values >= i up by one maps it onto
+    # the B-1 others of row i (no in-place diagonal fill, so it also vectorises under vmap).
+    keys = torch.rand(batch, batch - 1, device=device, generator=generator)
+    order = keys.argsort(dim=1)[:, :d_max]
+    return order + (order >= torch.arange(batch, device=device).unsqueeze(1))
 
 
 def echo_noise(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: bool = False,
@@ -92,11 +92,13 @@ def echo_noise(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: b
     if d_max is None:
         d_max = batch - 1
     idx = _other_indices(batch, d_max, replace, f.device, generator)
-    f_echo = f[idx]                      # [B, d_max, D]: f(x^(1)), ..., f(x^(d_max))
-    log_s_echo = log_s[idx]              # [B, d_max, D]
+    # Memory: a few [B, d_max, D] tensors at a time (see docs/performance.md). The in-place
+    # steps are safe for autograd: cumsum and subtraction save nothing, exp saves its output.
+    log_s_echo = log_s[idx]              # [B, d_max, D]: log S(x^(1)), ..., log S(x^(d_max))
     # log prod_{k<l} S(x^(k)): inclusive cumsum minus the own term (an exclusive cumsum).
-    log_weight = log_s_echo.cumsum(dim=1) - log_s_echo
-    return (log_weight.exp() * f_echo).sum(dim=1)
+    weight = log_s_echo.cumsum(dim=1).sub_(log_s_echo).exp_()
+    del log_s_echo
+    return (weight * f[idx]).sum(dim=1)  # f[idx]: f(x^(1)), ..., f(x^(d_max))
 
 
 def echo_sample(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: bool = False,

@@ -1,0 +1,1 @@
+"""Speed benchmarks: `python -m benchmarks [--quick] [--device cpu|cuda]` (see docs/performance.md)."""

@@ -1,0 +1,405 @@
+"""The speed benchmarks of issue 7, measured in one run on one device.
+
+    python -m benchmarks [--quick] [--device cpu|cuda] [--only echo_vs_vae_step,...] [--compile]
+
+Prints a table and then one JSON line whose keys are the figures below; every figure carries the
+device it ran on. Timings are medians of repetitions that interleave the things compared, so
+that a slow spell of a shared machine hits both sides of a ratio alike.
+
+- echo_vs_vae_step: one training step (forward + backward + Adam) of `echo` over `vae`, paper
+  architecture (conv), batch 100, 32 latents. The paper: "about the same wall-clock time".
+- epoch_overhead: one epoch through `echo.train.fit` over the pure forward + backward + Adam
+  time of the same steps on pre-sliced batches (data handling, metrics, logging; and the
+  per-epoch test evaluation, reported both with and without it).
+- images_per_s: training throughput of every registered method, conv, batch 100.
+- sweep_overhead: a sweep's wall time over its trials' summed training time
+  (`benchmarks.sweep_overhead`, issue 5); reported as missing when that module is absent.
+- ensemble_speedup: K = 8 betas trained as one vectorised ensemble (`echo.ensemble`) over 8
+  separate models, in training images per second.
+- echo_noise_memory: peak bytes the Echo noise allocates in one forward + backward, against the
+  B x d_max x D floats of its largest tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from echo import METHODS, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("echo_vs_vae_step", "epoch_overhead", "images_per_s", "sweep_overhead",
+           "ensemble_speedup", "echo_noise_memory")
+BATCH, LATENT, ENSEMBLE_K = 100, 32, 8
+
+
+# --------------------------------------------------------------------------- device and timing
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; "
+                         "use --device cpu")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """A device name for the report, e.g. 'cuda: NVIDIA H100 80GB HBM3' or 'cpu: ... (2 threads)'."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(steps: dict[str, Callable[[], object]], device: torch.device, *,
+                        reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each callable, timed in rotating order within every repetition."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------- data
+
+def benchmark_images(n: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """n binary 28x28 images: the first n of binary MNIST when its IDX files are found, else
+    Bernoulli(0.13) noise of the same shape (speed does not depend on the pixel values)."""
+    from echo.data import load_dataset
+    for root in (os.environ.get("ECHO_MNIST_DIR"), os.environ.get("ECHO_DATA_ROOT"),
+                 REPO.parent / "shared" / "data" / "mnist", REPO / "data" / "raw"):
+        if root and any((Path(root) / f"train-images-idx3-ubyte{ext}").exists()
+                        for ext in ("", ".gz")):
+            x = load_dataset("binary_mnist", "train", root)[0][:n]
+            if len(x) == n:
+                return x.to(device), "binary_mnist"
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand(n, 1, 28, 28, generator=generator) < 0.13).float().to(device), "synthetic"
+
+
+def make_stepper(model: torch.nn.Module, x: torch.Tensor, beta: float = 1.0) -> Callable[[], None]:
+    """One training step: forward, backward, Adam (the paper's optimiser and learning rate)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+
+    def step() -> None:
+        out = model(x, beta)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+    return step
+
+
+def build(method: str, device: torch.device, arch: str = "conv", compile: bool = False,
+          input_shape=(1, 28, 28)):
+    torch.manual_seed(0)
+    model = build_model(method, arch=arch, latent_dim=LATENT, input_shape=input_shape).to(device)
+    if compile:
+        from echo.train import compile_model
+        return compile_model(model, device)
+    return model
+
+
+# --------------------------------------------------------------------------- figures
+
+def bench_echo_vs_vae_step(device: torch.device, quick: bool, compile: bool) -> dict:
+    x, source = benchmark_images(BATCH, device)
+    steps = {m: make_stepper(build(m, device, compile=compile), x) for m in ("echo", "vae")}
+    med = interleaved_medians(steps, device, reps=6 if quick else 30, warmup=2 if quick else 3)
+    return {"ratio": med["echo"] / med["vae"], "echo_step_ms": 1e3 * med["echo"],
+            "vae_step_ms": 1e3 * med["vae"], "batch": BATCH, "latent_dim": LATENT,
+            "arch": "conv", "data": source, "target": 1.05 if device.type == "cuda" else 1.10}
+
+
+def bench_images_per_s(device: torch.device, quick: bool, compile: bool) -> dict:
+    x, source = benchmark_images(BATCH, device)
+    steps, errors = {}, {}
+    for method in sorted(METHODS):
+        try:
+            steps[method] = make_stepper(build(method, device, compile=compile), x)
+            steps[method]()
+        except Exception as err:  # a method that cannot build or step is reported, not fatal
+            errors[method] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            steps.pop(method, None)
+    med = interleaved_medians(steps, device, reps=3 if quick else 10, warmup=1)
+    result = {m: BATCH / t for m, t in med.items()}
+    return {"per_method": result, "batch": BATCH, "arch": "conv", "data": source,
+            **({"errors": errors} if errors else {})}
+
+
+def bench_epoch_overhead(device: torch.device, quick: bool, compile: bool) -> dict:
+    """fit's last-epoch wall time over the pure step time of the same number of steps.
+
+    The test split is a fifth of the training split, as in binary MNIST (50k / 10k), so the
+    evaluation share is the one of a real epoch; the figure is given with and without it.
+    """
+    from echo.train import TrainConfig, evaluate, fit
+    n_train = 1000 if quick else 3000
+    n_test = n_train // 5
+    x, source = benchmark_images(n_train + n_test, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "bench.npz"
+        y = np.zeros(len(x), dtype=np.int64)
+        np.savez(npz, train_x=x[:n_train].numpy(), train_y=y[:n_train],
+                 test_x=x[n_train:].numpy(), test_y=y[n_train:])
+        config = TrainConfig(method="echo", dataset="binary_mnist", prepared=str(npz), arch="conv",
+                             epochs=2, batch_size=BATCH, device=str(device), progress=False,
+                             **({"compile": True} if compile else {}))
+        x_train, x_test = x[:n_train].to(device), x[n_train:].to(device)
+        model = build("echo", device, compile=compile)
+        pure_step = make_stepper(model, x_train[:BATCH])
+        batches = [x_train[i:i + BATCH].contiguous() for i in range(0, n_train, BATCH)]
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+
+        def pure_epoch() -> None:
+            for xb in batches:
+                out = model(xb, 1.0)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+
+        fit_epochs: list[float] = []
+        eval_times: list[float] = []
+
+        def fit_run() -> None:
+            result = fit(config)
+            fit_epochs.append(result.history[-1]["epoch_seconds"])  # last epoch: warm
+            synchronize(device)
+            start = time.perf_counter()
+            evaluate(result.model, x_test, BATCH, 1.0)
+            synchronize(device)
+            eval_times.append(time.perf_counter() - start)
+
+        pure_step()
+        med = interleaved_medians({"fit": fit_run, "pure": pure_epoch}, device,
+                                  reps=2 if quick else 3, warmup=0)
+    epoch = statistics.median(fit_epochs)
+    evaluation = statistics.median(eval_times)
+    pure = med["pure"]
+    return {"ratio": epoch / pure, "ratio_without_eval": (epoch - evaluation) / pure,
+            "epoch_s": epoch, "eval_s": evaluation, "pure_steps_s": pure,
+            "steps": len(batches), "train_examples": n_train, "test_examples": n_test,
+            "method": "echo", "arch": "conv", "data": source, "target": 1.10}
+
+
+def bench_sweep_overhead(device: torch.device, quick: bool, compile: bool) -> dict:
+    try:
+        from benchmarks.sweep_overhead import measure_sweep_overhead
+    except ImportError as err:
+        return {"missing": f"benchmarks.sweep_overhead not available ({err}); issue 5"}
+    result = dict(measure_sweep_overhead(quick))
+    result.setdefault("target", 1.15)
+    return result
+
+
+def bench_ensemble_speedup(device: torch.device, quick: bool, compile: bool) -> dict:
+    """Images/s of K members as one vectorised ensemble over K separate models (K x one step)."""
+    from echo.ensemble import Ensemble
+    betas = [0.25 * (i + 1) for i in range(ENSEMBLE_K)]
+    result = {"k": ENSEMBLE_K, "betas": betas, "batch": BATCH}
+    for arch, shape in (("conv", (1, 28, 28)), ("mlp", (1, 28, 28))):
+        x, source = benchmark_images(BATCH * ENSEMBLE_K, device)
+        single = make_stepper(build("echo", device, arch=arch, input_shape=shape), x[:BATCH])
+        ensemble = Ensemble.build("echo", betas, arch=arch, latent_dim=LATENT, input_shape=shape,
+                                  seeds=list(range(ENSEMBLE_K)), device=device, compile=compile)
+        optimizer = torch.optim.Adam(ensemble.parameters(), lr=3e-4)
+        xs = x.view(ENSEMBLE_K, BATCH, *shape)
+
+        def ensemble_step() -> None:
+            out = ensemble(xs)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+
+        reps = (3 if quick else 8) if arch == "conv" else (5 if quick else 20)
+        med = interleaved_medians({"single": single, "ensemble": ensemble_step}, device,
+                                  reps=reps, warmup=1 if quick else 2)
+        separate = ENSEMBLE_K * BATCH / (ENSEMBLE_K * med["single"])
+        packed = ENSEMBLE_K * BATCH / med["ensemble"]
+        result[arch] = {"speedup": packed / separate, "ensemble_images_per_s": packed,
+                        "separate_images_per_s": separate, "data": source}
+    result["speedup"] = result["conv"]["speedup"]
+    result["target"] = 4.0 if device.type == "cuda" else None
+    return result
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Peak bytes of the tensors that operators allocate while the mode is active.
+
+    Each operator output whose storage is new is counted until its last Python reference dies;
+    this sees every tensor the autograd graph saves as well as the temporaries, on any device.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live and storage.nbytes() > 0:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(t, self._release, key)
+        return out
+
+
+def bench_echo_noise_memory(device: torch.device, quick: bool, compile: bool) -> dict:
+    from echo.noise import echo_sample
+    batch, d_max, dim = BATCH, BATCH - 1, LATENT
+    torch.manual_seed(0)
+    f = torch.randn(batch, dim, device=device).tanh().requires_grad_()
+    log_s = (torch.randn(batch, dim, device=device) - 2).clamp(max=-0.1).requires_grad_()
+    reference = batch * d_max * dim * f.element_size()
+    tracker = AllocationTracker()
+    with tracker:
+        z = echo_sample(f, log_s, check=False)
+        z.sum().backward()
+    del z
+    result = {"peak_bytes": tracker.peak, "b_dmax_d_bytes": reference,
+              "peak_over_b_dmax_d": tracker.peak / reference, "batch": batch, "d_max": d_max,
+              "latent_dim": dim}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        z = echo_sample(f, log_s, check=False)
+        z.sum().backward()
+        torch.cuda.synchronize(device)
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    return result
+
+
+BENCHMARKS: dict[str, Callable[[torch.device, bool, bool], dict]] = {
+    "echo_vs_vae_step": bench_echo_vs_vae_step,
+    "epoch_overhead": bench_epoch_overhead,
+    "images_per_s": bench_images_per_s,
+    "sweep_overhead": bench_sweep_overhead,
+    "ensemble_speedup": bench_ensemble_speedup,
+    "echo_noise_memory": bench_echo_noise_memory,
+}
+
+
+# --------------------------------------------------------------------------- report
+
+def headline(name: str, result: dict) -> str:
+    """The one number of a figure, with its target, for the table."""
+    if "missing" in result:
+        return f"missing: {result['missing']}"
+    if "error" in result:
+        return f"error: {result['error']}"
+    if name == "echo_vs_vae_step":
+        return (f"{result['ratio']:.3f} (echo {result['echo_step_ms']:.1f} ms, vae "
+                f"{result['vae_step_ms']:.1f} ms; target <= {result['target']})")
+    if name == "epoch_overhead":
+        return (f"{result['ratio']:.3f} with test eval, {result['ratio_without_eval']:.3f} without "
+                f"({result['steps']} steps; target <= {result['target']})")
+    if name == "images_per_s":
+        return ", ".join(f"{m} {v:,.0f}" for m, v in result["per_method"].items())
+    if name == "ensemble_speedup":
+        return (f"{result['speedup']:.2f}x conv, {result['mlp']['speedup']:.2f}x mlp "
+                f"(K={result['k']})")
+    if name == "echo_noise_memory":
+        return (f"{result['peak_bytes'] / 2**20:.2f} MiB = {result['peak_over_b_dmax_d']:.1f} x "
+                f"B*d_max*D floats")
+    if name == "sweep_overhead" and "ratio" in result:
+        return f"{result['ratio']:.3f} (target <= {result.get('target')})"
+    return json.dumps(result)[:120]
+
+
+def run(names: list[str], device: torch.device, quick: bool, compile: bool,
+        log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    label = describe_device(device)
+    results: dict[str, dict] = {}
+    for name in names:
+        log(f"[benchmarks] {name} on {label} ...")
+        start = time.perf_counter()
+        try:
+            result = BENCHMARKS[name](device, quick, compile)
+        except Exception as err:  # one broken figure must not hide the others
+            result = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+        result["device"] = label
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = result
+    return results
+
+
+def _round(obj):
+    if isinstance(obj, float):
+        return obj if not math.isfinite(obj) else float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized settings (fewer repetitions)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--only", default=",".join(FIGURES),
+                   help=f"comma-separated subset of {','.join(FIGURES)}")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models (falls back to eager where it cannot)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(FIGURES))
+    if unknown:
+        p.error(f"--only: unknown figure(s) {unknown}; choose from {list(FIGURES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    results = _round(run(names, device, args.quick, args.compile))
+    width = max(len(n) for n in names)
+    print(f"{'figure':<{width}}  result  [device]")
+    for name, result in results.items():
+        print(f"{name:<{width}}  {headline(name, result)}  [{result['device']}]")
+    print(json.dumps({"quick": args.quick, "compile": args.compile, **results}))
+    return 0
