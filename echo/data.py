@@ -22,6 +22,7 @@ Every check that fails raises `DataError` with one line naming the file and what
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -468,11 +469,19 @@ def _omniglot(root: Path, splits, *, download_missing: bool, check_sizes: bool,
 DIGITS_SPLIT = {"test": 360, "valid": 180}      # the rest (1,257) is train
 
 
-def _digits(splits, seed: int) -> DataSplits:
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray, str]:
+    """scikit-learn's bundled digits (images 8x8 with intensities 0..16, labels, version);
+    cached because training asks for the train and the test split separately."""
     import sklearn
     from sklearn.datasets import load_digits
     bunch = load_digits()
-    images = bunch.images.astype(np.float64) / 16.0          # 8x8, intensities 0..16
+    return bunch.images, bunch.target, sklearn.__version__
+
+
+def _digits(splits, seed: int) -> DataSplits:
+    raw_images, targets, version = _sklearn_digits()
+    images = raw_images.astype(np.float64) / 16.0
     order = np.random.default_rng(seed).permutation(len(images))
     n_test, n_valid = DIGITS_SPLIT["test"], DIGITS_SPLIT["valid"]
     parts = {"test": order[:n_test], "valid": order[n_test:n_test + n_valid],
@@ -481,11 +490,11 @@ def _digits(splits, seed: int) -> DataSplits:
     for split in splits:
         idx = parts[split]
         result[split] = (binarize(images[idx], _split_seed(seed, split))[:, None],
-                         bunch.target[idx].astype(np.int64))
-    digest = hashlib.sha256(np.ascontiguousarray(bunch.images).tobytes()).hexdigest()
+                         targets[idx].astype(np.int64))
+    digest = hashlib.sha256(np.ascontiguousarray(raw_images).tobytes()).hexdigest()
     return DataSplits("digits", f"digits: scikit-learn 8x8 digits, static binarization and "
                       f"split, seed {seed}", result, [], seed,
-                      source=f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__}, "
+                      source=f"sklearn.datasets.load_digits (scikit-learn {version}, "
                              f"images sha256 {digest})")
 
 
