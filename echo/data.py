@@ -554,10 +554,10 @@ def _split_summary(x: np.ndarray, y: np.ndarray) -> dict:
     n = len(x)
     summary = {"n": n, "shape": list(x.shape), "dtype": str(x.dtype)}
     if n:
-        xf = x.astype(np.float64)
-        summary.update(pixel_mean=round(float(xf.mean()), 6), pixel_std=round(float(xf.std()), 6),
-                       pixel_min=float(xf.min()), pixel_max=float(xf.max()),
-                       binary=bool(np.isin(x, (0, 1)).all()))
+        summary.update(pixel_mean=round(float(x.mean(dtype=np.float64)), 6),
+                       pixel_std=round(float(x.std(dtype=np.float64)), 6),
+                       pixel_min=float(x.min()), pixel_max=float(x.max()),
+                       binary=bool(((x == 0) | (x == 1)).all()))
     if (y >= 0).any():
         summary["label_counts"] = np.bincount(y[y >= 0]).tolist()
     return summary
