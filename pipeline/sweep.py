@@ -1,0 +1,460 @@
+"""The rate-distortion sweep on Ray Tune: a grid over method x beta x arch x latent_dim, Optuna
+for the learning rate and Echo's clipping factor at each grid point, MLflow tracking from the
+driver, and resumption of an interrupted sweep.
+
+    run_sweep(load_params("params.yaml"), root=Path("."))   # -> results/sweep.csv
+
+Design (docs/sweep.md explains it at length):
+- Ray Tune cannot combine `grid_search` with a searcher, so `GridOptunaSearch` owns the grid:
+  it hands out every grid point `search.num_samples` times and asks a separate Optuna study
+  (`OptunaSearch`, TPE) per grid point for lr / clip_factor. The full grid is always covered,
+  and each study learns from the trials of its own (method, beta, ...) only.
+- `train_trial` (runs in a Ray worker) calls `echo.train.fit`, reports every epoch, writes a
+  Tune checkpoint every `sweep.checkpoint_every` epochs and at the end, and resumes from
+  `tune.get_checkpoint()`. A NaN/inf loss ends the trial with status "nonfinite"; other
+  exceptions crash it and Tune retries it (`FailureConfig`).
+- The experiment lives in `<storage_path>/<name>`; if it exists, the sweep is resumed with
+  `Tuner.restore(resume_errored=True)`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import pickle
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from echo import clip_factor as solve_clip_factor
+from echo.data import DataError
+from echo.train import (NonFiniteLossError, TrainConfig, fit, load_checkpoint, load_model,
+                        load_train_test, save_checkpoint)
+from pipeline.config import Params
+from pipeline.tracking import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, SweepTracker,
+                               resolve_tracking_uri)
+
+RESULTS_CSV = Path("results/sweep.csv")
+CHECKPOINT_DIR = Path("results/checkpoints")
+CSV_COLUMNS = ["trial_id", "method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
+               "status", "error", "epochs_done", "checkpoint", "mlflow_run_id", *EPOCH_METRICS]
+STATE_FILE = "echo_sweep.json"     # beside Ray's state in <storage>/<name>: uid + settings
+RECON_COUNT = 8                    # test images in the reconstruction grid
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or did not finish; the message says why and what to do."""
+
+
+class SweepInterrupted(SweepError):
+    """Stopped before every trial finished; running the stage again resumes it."""
+
+
+# -- the grid and its search ---------------------------------------------------------------
+def trial_name(point: dict, sample: int, num_samples: int) -> str:
+    """Readable, deterministic trial id, e.g. `echo_b0.3_mlp_z32` (`_s1` for repeated samples)."""
+    name = f"{point['method']}_b{point['beta']:g}_{point['arch']}_z{point['latent_dim']}"
+    return f"{name}_s{sample}" if num_samples > 1 else name
+
+
+def grid_points(params: Params) -> list[dict]:
+    s = params.sweep
+    return [{"method": m, "beta": float(b), "arch": a, "latent_dim": int(z)}
+            for m, b, a, z in itertools.product(s.methods, s.betas, s.archs, s.latent_dims)]
+
+
+def search_space(params: Params, method: str) -> dict:
+    """Optuna's space at one grid point: lr log-uniform, clip_factor uniform (Echo only)."""
+    search = params.sweep.search
+    space = {}
+    if search.lr is not None:
+        space["lr"] = tune.loguniform(search.lr.low, search.lr.high)
+    if search.clip_factor is not None and method == "echo":
+        space["clip_factor"] = tune.uniform(search.clip_factor.low, search.clip_factor.high)
+    return space
+
+
+def echo_terms(params: Params) -> int:
+    """d_max, the number of terms of the truncated Echo sum (Sec. 5)."""
+    return params.train.d_max if params.train.d_max is not None else params.train.batch_size - 1
+
+
+class GridOptunaSearch(Searcher):
+    """Every grid point `num_samples` times, sample-major (all points' sample 0 first, so each
+    study has feedback before its next ask); lr / clip_factor from one Optuna study per point
+    where a search range is given, else the defaults in `base`."""
+
+    def __init__(self, points: list[dict], spaces: list[dict], base: dict, num_samples: int,
+                 metric: str, mode: str = "min", seed: int = 0):
+        super().__init__(metric=metric, mode=mode)
+        self.points, self.base, self.num_samples = points, base, num_samples
+        self.studies = [OptunaSearch(space=space, metric=metric, mode=mode, seed=seed + i)
+                        if space else None for i, space in enumerate(spaces)]
+        self.assigned: dict[str, int] = {}       # Ray trial id -> grid point index
+        self.next_index = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.points) * self.num_samples
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True                              # metric, mode and space are fixed here
+
+    def suggest(self, trial_id: str):
+        if self.next_index >= self.total:
+            return Searcher.FINISHED
+        sample, index = divmod(self.next_index, len(self.points))
+        self.next_index += 1
+        point = self.points[index]
+        study = self.studies[index]
+        searched = study.suggest(trial_id) if study is not None else {}
+        self.assigned[trial_id] = index
+        config = {**self.base, **point, **searched, "sample": sample,
+                  "trial_id": trial_name(point, sample, self.num_samples)}
+        if study is None and self.num_samples > 1:
+            config["seed"] = self.base["seed"] + sample      # replicates differ by seed
+        if point["method"] != "echo":
+            config["clip_factor"] = None
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        index = self.assigned.get(trial_id)
+        study = self.studies[index] if index is not None else None
+        if study is None:
+            return
+        value = (result or {}).get(self.metric)
+        if value is None or not math.isfinite(value) or (result or {}).get("status") != "running":
+            study.on_trial_complete(trial_id, None, error=True)   # crashed or diverged
+        else:
+            study.on_trial_complete(trial_id, result)
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+
+# -- the trainable (runs in a Ray worker) -------------------------------------------------
+def train_config(config: dict) -> TrainConfig:
+    options = {}
+    if config["method"] == "echo":
+        options = {"clip_factor": config["clip_factor"], "d_max": config["d_max"],
+                   "replace": config["replace"]}
+    return TrainConfig(
+        method=config["method"], dataset=config["dataset"], data_root=config["data_root"],
+        prepared=config["prepared"], arch=config["arch"], latent_dim=config["latent_dim"],
+        beta=config["beta"], epochs=config["epochs"], batch_size=config["batch_size"],
+        lr=config["lr"], lr_decay_start=config["lr_decay_start"], seed=config["seed"],
+        device=config["device"], train_limit=config["train_limit"],
+        test_limit=config["test_limit"], method_options=options, progress=False)
+
+
+def train_trial(config: dict) -> None:
+    """One trial: fit with per-epoch reports and Tune checkpoints, resuming when Tune restarts it."""
+    cfg = train_config(config)
+    every = config["checkpoint_every"]
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / MODEL_FILE)
+    done = {"epochs": int(resume["epoch"]) if resume else 0}
+
+    def on_epoch(epoch: int, metrics: dict, state) -> None:
+        done["epochs"] = epoch
+        report = {**metrics, "status": "running", "error": "",
+                  # the trained objective D + beta R, a possible search metric
+                  "train_loss": metrics["train_distortion"] + cfg.beta * metrics["train_rate"],
+                  "test_loss": metrics["test_distortion"] + cfg.beta * metrics["test_rate"]}
+        last = epoch == cfg.epochs
+        if not (last or epoch % every == 0):
+            tune.report(report)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder) / MODEL_FILE, state())
+            if last:
+                write_reconstructions(Path(folder) / MODEL_FILE, cfg,
+                                      Path(folder) / RECONSTRUCTIONS_FILE)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        fit(cfg, on_epoch=on_epoch, resume=resume)
+    except NonFiniteLossError as err:
+        # Deterministic divergence: retrying would diverge again, so end the trial (not crash
+        # it) with the reason; the sweep goes on.
+        tune.report({"status": "nonfinite", "error": str(err), "epoch": done["epochs"],
+                     **{name: float("nan") for name in EPOCH_METRICS}})
+
+
+def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path) -> None:
+    """A 2-row PNG: test images above, the model's reconstruction probabilities below."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    model, _ = load_model(model_path)
+    model.eval()
+    x_test = load_train_test(cfg)[1][: cfg.test_limit][: cfg.batch_size]
+    with torch.no_grad():
+        probs = torch.sigmoid(model(x_test, cfg.beta).logits)
+    count = min(RECON_COUNT, len(x_test))
+    fig, axes = plt.subplots(2, count, figsize=(count, 2.2), squeeze=False)
+    for col in range(count):
+        for row, images in enumerate((x_test, probs)):
+            image = images[col].permute(1, 2, 0).squeeze(-1).numpy()
+            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+    fig.suptitle(f"{cfg.method} β={cfg.beta:g}: data (top), reconstruction (bottom)", fontsize=8)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+# -- driver side ---------------------------------------------------------------------------
+def trial_base(params: Params, root: Path) -> dict:
+    """Settings shared by every trial (plain data; paths absolute for the workers)."""
+    prepared = root / params.data.prepared_path
+    return {
+        "dataset": params.data.dataset,
+        "prepared": str(prepared) if prepared.exists() else None,
+        "data_root": str(root / params.data.raw_dir),
+        "epochs": params.train.epochs, "batch_size": params.train.batch_size,
+        "lr": params.train.lr, "lr_decay_start": params.train.lr_decay_start,
+        "seed": params.train.seed, "device": params.train.device,
+        "d_max": params.train.d_max, "replace": params.train.replace,
+        "clip_factor": solve_clip_factor(echo_terms(params)),
+        "train_limit": params.sweep.train_limit, "test_limit": params.sweep.test_limit,
+        # ASHA stops trials at any epoch: checkpoint every epoch so the kept model matches
+        # the trial's last metrics.
+        "checkpoint_every": 1 if params.sweep.asha else params.sweep.checkpoint_every,
+    }
+
+
+def fingerprint(params: Params) -> dict:
+    """The settings that decide what a sweep's trials are: a stored experiment is resumed
+    only if these match."""
+    return {"data": {"dataset": params.data.dataset},
+            "train": params.train.model_dump(),
+            "sweep": params.sweep.model_dump(include={
+                "methods", "betas", "archs", "latent_dims", "search", "asha",
+                "train_limit", "test_limit"})}
+
+
+def check_inputs(params: Params, root: Path) -> None:
+    """Fail before Ray starts: the data must load and hold at least one batch."""
+    base = trial_base(params, root)
+    cfg = train_config({**base, **grid_points(params)[0], "clip_factor": None})
+    try:
+        x_train, _ = load_train_test(cfg)
+    except (DataError, ValueError, OSError) as err:
+        raise SweepError(f"data: cannot load {params.data.dataset!r} ({err}); run "
+                         f"`python -m stages.prepare` or fix data.raw_dir") from err
+    n = len(x_train[: params.sweep.train_limit])
+    if n < params.train.batch_size:
+        raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
+                         f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
+
+
+def storage_uri(params: Params, root: Path) -> str:
+    """Ray needs an absolute storage path; URIs (s3://, gs://) are used as they are."""
+    path = params.sweep.storage_path
+    return path if "://" in path else str((root / path).resolve())
+
+
+def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
+    """(uid, existed) of the experiment folder; refuses to resume different settings."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
+                                              else Path(experiment).as_uri())
+    state_path = f"{path}/{STATE_FILE}"
+    if fs.get_file_info(state_path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(state_path) as fh:
+            stored = json.loads(fh.read().decode())
+        if stored["settings"] != settings:
+            changed = sorted(k for k in settings if settings[k] != stored["settings"].get(k))
+            raise SweepError(
+                f"{experiment} holds a sweep started with other {'/'.join(changed)} params; "
+                f"choose a new sweep.name, or delete that folder to start this sweep afresh")
+        return stored["uid"], True
+    uid = uuid.uuid4().hex
+    fs.create_dir(path)
+    with fs.open_output_stream(state_path + ".tmp") as fh:
+        fh.write(json.dumps({"uid": uid, "settings": settings}, indent=1).encode())
+    fs.move(state_path + ".tmp", state_path)
+    return uid, False
+
+
+def connect_ray() -> bool:
+    """Join the cluster at $RAY_ADDRESS, else start Ray on this machine; True if started here."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS") or None
+    # Local workers import `echo` / `pipeline` from this checkout; cluster nodes run the image.
+    code = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
+    runtime_env = None if address else {"env_vars": {"PYTHONPATH": path}}
+    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    return True
+
+
+class _TrialStatus(tune.Callback):
+    """Collects every trial's Tune status at the end (also after an interruption)."""
+
+    def __init__(self):
+        self.status: dict[str, str] = {}
+
+    def on_experiment_end(self, trials, **info):
+        self.status = {t.config["trial_id"]: t.status for t in trials}
+
+
+def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
+              verbose: int = 1) -> pd.DataFrame:
+    """Run (or resume) the sweep; write results/sweep.csv and results/checkpoints/<trial>.pt
+    under `root`, and return the table. Raises SweepInterrupted if trials remain unfinished."""
+    root = Path(root).resolve()
+    check_inputs(params, root)
+    sweep = params.sweep
+    storage = storage_uri(params, root)
+    experiment = f"{storage}/{sweep.name}"
+    started = connect_ray()
+    try:
+        uid, existed = experiment_uid(experiment, fingerprint(params))
+        tracker = SweepTracker(
+            resolve_tracking_uri(params.tracking.uri, root), params.tracking.experiment,
+            sweep.name, uid, artifact_root=root / "mlartifacts",
+            parent_params={"dataset": params.data.dataset, "epochs": params.train.epochs,
+                           "methods": ",".join(sweep.methods),
+                           "betas": ",".join(f"{b:g}" for b in sweep.betas),
+                           "archs": ",".join(sweep.archs),
+                           "latent_dims": ",".join(map(str, sweep.latent_dims)),
+                           "num_samples": sweep.search.num_samples}).open()
+        statuses = _TrialStatus()
+        all_callbacks = [tracker, statuses, *callbacks]
+        trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
+                                                      "gpu": sweep.resources.gpu})
+        if existed and tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+            # The run config (callbacks included) is restored from the pickled first run; use
+            # this run's callbacks, with the tracker connected to the current store.
+            tuner._local_tuner.get_run_config().callbacks = all_callbacks
+        else:
+            tuner = tune.Tuner(trainable, tune_config=tune_config(params, root),
+                               run_config=tune.RunConfig(
+                                   name=sweep.name, storage_path=storage, verbose=verbose,
+                                   callbacks=all_callbacks,
+                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        grid = tuner.fit()
+        expected = len(grid_points(params)) * sweep.search.num_samples
+        unfinished = [t for t, s in statuses.status.items() if s not in ("TERMINATED", "ERROR")]
+        if unfinished or len(statuses.status) < expected:
+            tracker.finish_sweep("KILLED")
+            raise SweepInterrupted(
+                f"sweep {sweep.name!r} stopped with {expected - len(statuses.status) + len(unfinished)}"
+                f" of {expected} trials unfinished; run the stage again to resume it from "
+                f"{experiment}")
+        table = collect_results(grid, tracker, root)
+        tracker.finish_sweep("FINISHED")
+        return table
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def tune_config(params: Params, root: Path) -> tune.TuneConfig:
+    sweep = params.sweep
+    points = grid_points(params)
+    searcher = GridOptunaSearch(points, [search_space(params, p["method"]) for p in points],
+                                trial_base(params, root), sweep.search.num_samples,
+                                metric=sweep.search.metric, mode="min", seed=params.train.seed)
+    scheduler = None
+    if sweep.asha:
+        scheduler = ASHAScheduler(metric=sweep.search.metric, mode="min",
+                                  time_attr="training_iteration", max_t=params.train.epochs,
+                                  grace_period=max(1, params.train.epochs // 4))
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                           num_samples=searcher.total, max_concurrent_trials=sweep.max_concurrent,
+                           trial_name_creator=_trial_id, trial_dirname_creator=_trial_id)
+
+
+def _trial_id(trial) -> str:
+    return trial.config["trial_id"]
+
+
+def collect_results(grid, tracker: SweepTracker, root: Path) -> pd.DataFrame:
+    """One row per trial; completed trials' final checkpoints copied to results/checkpoints."""
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoints-", dir=_ensure(root / "results")))
+    rows = []
+    try:
+        for result in grid:
+            config, metrics = result.config, result.metrics or {}
+            if result.error is not None:
+                status, error = "failed", _last_line(str(result.error))
+            elif metrics.get("status") == "nonfinite":
+                status, error = "nonfinite", metrics.get("error", "")
+            else:
+                status, error = "completed", ""
+            checkpoint = ""
+            if status == "completed" and result.checkpoint is not None:
+                with result.checkpoint.as_directory() as folder:
+                    shutil.copyfile(Path(folder) / MODEL_FILE, staging / f"{config['trial_id']}.pt")
+                checkpoint = (CHECKPOINT_DIR / f"{config['trial_id']}.pt").as_posix()
+            # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
+            tracker.finish_trial(config, status, error,
+                                 result.checkpoint if status == "completed" else None)
+            rows.append({
+                "trial_id": config["trial_id"], "method": config["method"],
+                "dataset": config["dataset"], "arch": config["arch"],
+                "latent_dim": config["latent_dim"], "beta": config["beta"], "lr": config["lr"],
+                "clip_factor": config["clip_factor"], "status": status, "error": error,
+                "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
+                **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}})
+        runs = tracker.child_runs()
+        for row in rows:
+            row["mlflow_run_id"] = runs.get(row["trial_id"], "")
+        table = pd.DataFrame(rows, columns=CSV_COLUMNS).sort_values("trial_id", ignore_index=True)
+        _replace_dir(staging, root / CHECKPOINT_DIR)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    out = root / RESULTS_CSV
+    tmp = out.with_name(out.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    return table
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap a fully written folder into place (the old one is removed only afterwards)."""
+    old = target.with_name(f".{target.name}-old-{int(time.time() * 1000)}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+__all__ = ["CSV_COLUMNS", "GridOptunaSearch", "SweepError", "SweepInterrupted", "grid_points",
+           "run_sweep", "train_trial", "trial_name"]

@@ -1,0 +1,191 @@
+"""MLflow tracking of a sweep: one parent run per sweep, one child run per trial.
+
+Every MLflow call happens in the Ray Tune *driver* (this module is a Tune `Callback`), never in
+the trials. The trials only report results to Tune; the driver is the single writer of the
+tracking store, so any number of concurrent trials share a SQLite store without
+"database is locked".
+
+Runs are found again, not re-created, when a sweep resumes: the parent by the sweep's
+instance id (tag `echo.sweep_uid`, written once per experiment directory), a child by the
+trial's readable id (tag `trial_id`). Epochs a child already holds are not logged twice.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+EPOCH_METRICS = ("train_rate", "train_distortion", "train_neg_elbo",
+                 "test_rate", "test_distortion", "test_neg_elbo")
+TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
+                "epochs", "batch_size")
+# Files a trial writes into its final Tune checkpoint (see pipeline.sweep.train_trial).
+MODEL_FILE = "model.pt"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+SWEEP_UID_TAG = "echo.sweep_uid"
+ROLE_TAG = "echo.role"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """A relative SQLite URI (`sqlite:///mlflow.db`) is taken relative to the project root, so
+    the store does not depend on the directory the driver happens to run in."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((root / uri[len(prefix):]).resolve())
+    return uri
+
+
+class SweepTracker(tune.Callback):
+    """Ray Tune callback that mirrors a sweep into MLflow from the driver."""
+
+    def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_uid: str, *,
+                 artifact_root: Path, parent_params: dict | None = None):
+        self.uri = uri
+        self.experiment = experiment
+        self.sweep_name = sweep_name
+        self.sweep_uid = sweep_uid
+        self.artifact_root = artifact_root
+        self.parent_params = dict(parent_params or {})
+        self.client: MlflowClient | None = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self._children: dict[str, str] = {}       # trial_id -> run id
+        self._last_step: dict[str, int] = {}      # trial_id -> last epoch logged
+
+    # -- runs ------------------------------------------------------------------------------
+    def open(self) -> "SweepTracker":
+        """Connect, and find or create the experiment and this sweep's parent run."""
+        if self.client is not None:
+            return self
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            self.artifact_root.mkdir(parents=True, exist_ok=True)
+            self.experiment_id = self.client.create_experiment(
+                self.experiment, artifact_location=self.artifact_root.resolve().as_uri())
+        else:
+            self.experiment_id = found.experiment_id
+        parents = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{SWEEP_UID_TAG}` = '{self.sweep_uid}' "
+                          f"and tags.`{ROLE_TAG}` = 'sweep'")
+        if parents:
+            self.parent_id = parents[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=self.sweep_name,
+                tags={SWEEP_UID_TAG: self.sweep_uid, ROLE_TAG: "sweep", "sweep": self.sweep_name})
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=[
+                Param(k, _param_text(v)) for k, v in self.parent_params.items()])
+        return self
+
+    def child_runs(self) -> dict[str, str]:
+        """trial_id -> child run id, for every child of this sweep's parent run."""
+        self.open()
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+            max_results=50000)
+        return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+
+    def child_run(self, config: dict) -> str:
+        """The child run of a trial, created (with its params and tags) only the first time."""
+        self.open()
+        trial_id = config["trial_id"]
+        if trial_id in self._children:
+            return self._children[trial_id]
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' "
+                          f"and tags.trial_id = '{trial_id}'")
+        if existing:
+            run_id = existing[0].info.run_id
+            history = self.client.get_metric_history(run_id, "test_neg_elbo")
+            self._last_step[trial_id] = max((m.step for m in history), default=0)
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(
+                self.experiment_id, run_name=trial_id,
+                tags={PARENT_TAG: self.parent_id, SWEEP_UID_TAG: self.sweep_uid,
+                      ROLE_TAG: "trial", "trial_id": trial_id, "method": config["method"],
+                      "dataset": config["dataset"], "beta": _param_text(config["beta"]),
+                      "status": "running"}).info.run_id
+            self.client.log_batch(run_id, params=[
+                Param(k, _param_text(config.get(k))) for k in TRIAL_PARAMS])
+            self._last_step[trial_id] = 0
+        self._children[trial_id] = run_id
+        return run_id
+
+    def log_epoch(self, config: dict, result: dict) -> None:
+        """The six per-epoch metrics (nats) with step = epoch, each epoch at most once."""
+        trial_id = config["trial_id"]
+        run_id = self.child_run(config)
+        epoch = int(result["epoch"])
+        if epoch <= self._last_step.get(trial_id, 0):
+            return                       # re-run after a restore from an earlier checkpoint
+        now_ms = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now_ms, epoch)
+                   for k in EPOCH_METRICS if k in result and math.isfinite(result[k])]
+        self.client.log_batch(run_id, metrics=metrics)
+        self._last_step[trial_id] = epoch
+
+    def finish_trial(self, config: dict, status: str, error: str = "",
+                     checkpoint: tune.Checkpoint | None = None) -> None:
+        """Status tags and artifacts (final checkpoint, reconstruction grid); idempotent."""
+        run_id = self.child_run(config)
+        run = self.client.get_run(run_id)
+        if run.data.tags.get("status") == status and run.info.status != "RUNNING":
+            return
+        tags = [RunTag("status", status)]
+        if error:
+            tags.append(RunTag("error", error[:4000]))
+        self.client.log_batch(run_id, tags=tags)
+        if checkpoint is not None and status == "completed":
+            with checkpoint.as_directory() as folder:
+                for name in (MODEL_FILE, RECONSTRUCTIONS_FILE):
+                    if (Path(folder) / name).exists():
+                        self.client.log_artifact(run_id, str(Path(folder) / name))
+        self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
+
+    def finish_sweep(self, status: str = "FINISHED") -> None:
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status)
+
+    # -- Tune callback hooks (called in the driver, one at a time) ------------------------
+    def setup(self, **info):
+        self.open()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.child_run(trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("status") == "running" and "epoch" in result:
+            self.log_epoch(trial.config, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        status = result.get("status", "completed")
+        if status == "running":
+            status = "completed"
+        self.finish_trial(trial.config, status, result.get("error", ""), trial.checkpoint)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finish_trial(trial.config, "failed", trial_error_text(trial))
+
+
+def trial_error_text(trial) -> str:
+    """The last line of a crashed trial's error (the exception), for tags and the CSV."""
+    error = trial.get_error() if hasattr(trial, "get_error") else None
+    text = str(error) if error is not None else "trial failed"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def _param_text(value) -> str:
+    return "none" if value is None else str(value)
