@@ -243,6 +243,10 @@ def read_omniglot_mat(path: Path, check_sizes: bool = True) -> dict[str, tuple[n
 # Binarization
 
 
+BINARIZATION_RULE = ("pixel = 1 if u < intensity, u ~ U[0, 1) from numpy.random.default_rng("
+                     "seed + i), i = 0, 1, 2 for train, valid, test")
+
+
 def binarize(p: np.ndarray, seed: int, *, scale: float = 1.0, chunk: int = 4096) -> np.ndarray:
     """Static binarization: pixel = 1 with probability p/scale, one fixed Bernoulli draw per pixel
     (u < p with u ~ U[0, 1) from numpy's PCG64 stream seeded `seed`). Drawn row-chunk by chunk:
@@ -360,7 +364,7 @@ def locate(name: str, root: Path, download_missing: bool = False) -> dict[str, P
     if found is not None:
         return found
     if not download_missing:
-        raise DataError(_missing_message(name, root, "downloads are off (data.download: false)"))
+        raise DataError(_missing_message(name, root, "downloads are off (data.download: false / download=False)"))
     try:
         download(name, root)
     except DataError as err:
@@ -439,9 +443,13 @@ def _binary_mnist(root: Path, splits, *, download_missing: bool, check_sizes: bo
         log.warning("binary_mnist: binarized_mnist_{train,valid,test}.amat not in %s; using a "
                     "static binarization of MNIST with seed %d instead (not the paper's exact data)",
                     " or ".join(map(str, _search_dirs("binary_mnist", root))), seed)
-        data = _mnist_family("mnist", root, splits, download_missing=download_missing,
-                             check_sizes=check_sizes, binarize_seed=seed)
-        return data
+        try:
+            return _mnist_family("mnist", root, splits, download_missing=download_missing,
+                                 check_sizes=check_sizes, binarize_seed=seed)
+        except DataError as err:
+            raise DataError(f"binary_mnist: no binarized_mnist_{{train,valid,test}}.amat in "
+                            f"{root / 'binary_mnist'}/ or {root}/, and no MNIST to binarize: {err}"
+                            ) from None
     result, used = {}, []
     for split in splits:
         path = files[f"binarized_mnist_{split}.amat"]
@@ -595,6 +603,7 @@ def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, downloa
             "dataset": name,
             "variant": data.variant,
             "binarization_seed": data.binarization_seed,
+            "binarization_rule": BINARIZATION_RULE if data.binarization_seed is not None else None,
             "check_sizes": check_sizes,
             "splits": {s: _split_summary(*data.splits[s]) for s in SPLITS},
             "raw_files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_digest(p),

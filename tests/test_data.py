@@ -131,6 +131,14 @@ def test_missing_files_say_which_files_go_where(tmp_path):
         assert name in message
 
 
+def test_binary_mnist_without_amat_or_mnist_names_both_options(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("binary_mnist", "test", tmp_path)
+    message = one_line(err)
+    assert "binarized_mnist_{train,valid,test}.amat" in message
+    assert "t10k-images-idx3-ubyte.gz" in message and str(tmp_path / "mnist") in message
+
+
 def test_canonical_sizes_are_enforced_unless_turned_off(tmp_path):
     root, _ = mnist_root(tmp_path)
     with pytest.raises(DataError, match="canonical file has 60000") as err:

@@ -40,6 +40,7 @@ def test_prepare_digits_writes_npz_and_manifest(tmp_path):
             assert sum(info["label_counts"]) == info["n"]
     assert manifest["prepared"]["sha256"] == file_digest(npz_path)
     assert manifest["binarization_seed"] == 0 and "seed 0" in manifest["variant"]
+    assert "default_rng(seed + i)" in manifest["binarization_rule"]
     assert manifest["raw_files"] == [] and "scikit-learn" in manifest["source"]
     assert check_prepared(npz_path) == manifest
     assert sorted(p.name for p in npz_path.parent.iterdir()) == ["digits.manifest.json", "digits.npz"]
