@@ -159,6 +159,7 @@ class EvaluateParams(Strict):
     iwae_k: int = Field(1000, ge=1)
     batch_size: int = Field(100, ge=2)
     test_limit: int | None = Field(None, ge=2)
+    seed: int = 0                            # encoder noise at evaluation: same numbers each run
 
 
 class FrontierParams(Strict):
