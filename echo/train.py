@@ -144,8 +144,18 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
-        raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
-                         f"delete it to retrain from scratch") from err
+        raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                         f"{_load_error_reason(err)}); delete it to retrain from scratch") from err
+
+
+def _load_error_reason(err: Exception) -> str:
+    """One line: torch's weights-only refusal spans paragraphs (and suggests the unsafe
+    weights_only=False); keep only the reason, e.g. "Unsupported global: GLOBAL builtins.open"."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "unreadable"
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Autoencoder, TrainConfig]:

@@ -1,6 +1,6 @@
 """Determinism: the same seed gives identical metrics on CPU, twice, in this process and in a
-fresh one; a run resumed from a checkpoint continues exactly where it stopped (what a sweep
-trial relies on when Tune restarts it after a crash)."""
+fresh one. (That a run resumed from a checkpoint continues exactly where it stopped is
+tests/test_train.py::test_training_is_seeded_and_resumes_exactly.)"""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from echo.train import TrainConfig, fit, load_checkpoint, save_checkpoint
+from echo.train import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"epoch_seconds"}      # wall-clock, the only metric allowed to differ
@@ -66,23 +66,3 @@ def test_same_seed_in_a_fresh_process_gives_identical_metrics(tmp_path):
     assert done.returncode == 0, done.stderr
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
     assert without_timing([fresh]) == without_timing([in_process])
-
-
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    """Stop after epoch 1 (checkpoint written to disk and read back with weights_only=True),
-    resume: epochs 2-3 are identical to those of a run that never stopped."""
-    config = tiny_config(epochs=3)
-    uninterrupted = fit(config).history
-    path = tmp_path / "checkpoint.pt"
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(epoch, metrics, state):
-        save_checkpoint(path, state())
-        raise Stop
-
-    with pytest.raises(Stop):
-        fit(config, on_epoch=stop_after_first)
-    resumed = fit(config, resume=load_checkpoint(path)).history
-    assert without_timing(resumed) == without_timing(uninterrupted)
