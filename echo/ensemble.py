@@ -1,0 +1,284 @@
+"""Many models per process: K configurations of one architecture trained as one vectorised model.
+
+A rate-distortion sweep trains many small models; on a GPU each one alone is far too small to
+fill the chip. `Ensemble` stacks the parameters of K autoencoders of the same method and
+architecture (`torch.func.stack_module_state`) and runs them with `functional_call` under
+`vmap(randomness="different")`:
+
+- members are independent: the ensemble loss is the sum of the member losses, so the gradient of
+  member k's parameters is the gradient of its own loss; nothing mixes across members (the Echo
+  noise of member k is built from member k's own batch);
+- each member draws its own noise (Echo orderings, Gaussian samples) and, in `fit_ensemble`,
+  its own batch order, so a member is distributed exactly like a separate run of `echo.train.fit`
+  with the same config (its initial weights are even the same: built from the same seed);
+- Adam on a stacked parameter is elementwise, so its moment estimates for slice k depend only on
+  member k's gradients: K separate optimiser states in one (checked in tests/test_ensemble.py).
+  All members share the learning rate and its schedule; they may differ in beta and seed.
+
+`fit_ensemble(config, betas=..., seeds=...)` is `fit` for K members: one data set on the device,
+one loop, per-member metrics, per-member checkpoints that `echo.train.load_model` reads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .methods import Autoencoder
+from .train import (FitResult, NonFiniteLossError, TrainConfig, _atomic_write, batches,
+                    load_train_test, lr_factor, make_model, resolve_device, save_checkpoint)
+
+
+@dataclass
+class EnsembleOutput:
+    loss: Tensor          # scalar: sum of the member losses (so member gradients stay separate)
+    member_loss: Tensor   # [K]
+    rate: Tensor          # [K, B] nats
+    distortion: Tensor    # [K, B] nats
+    z: Tensor             # [K, B, D] codes
+
+
+class Ensemble(nn.Module):
+    """K autoencoders of one method and architecture with stacked parameters, run by vmap."""
+
+    def __init__(self, models: Sequence[Autoencoder], betas: Sequence[float]):
+        super().__init__()
+        if len(models) < 1 or len(models) != len(betas):
+            raise ValueError(f"an ensemble needs one beta per model, got {len(models)} models "
+                             f"and {len(betas)} betas")
+        shapes = [[(n, p.shape) for n, p in m.named_parameters()] for m in models]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError("ensemble members must share one architecture (same method, arch, "
+                             "latent_dim and method options)")
+        for b in betas:
+            if not (math.isfinite(b) and b >= 0):
+                raise ValueError(f"beta must be a finite number >= 0, got {b!r}")
+        params, buffers = stack_module_state(list(models))
+        self.k = len(models)
+        self.param_names = list(params)
+        self.buffer_names = list(buffers)
+        # Stacked leaves [K, ...]; a ParameterList because parameter names may not hold dots.
+        self.stacked = nn.ParameterList([nn.Parameter(params[n].detach().clone())
+                                         for n in self.param_names])
+        for i, name in enumerate(self.buffer_names):
+            self.register_buffer(f"stacked_buffer_{i}", buffers[name].clone())
+        self.register_buffer("betas", torch.tensor([float(b) for b in betas]))
+        # A stateless template (its own tensors are never used: functional_call swaps them in).
+        # Kept out of the module tree so that .parameters(), .to() and state_dict skip it.
+        template = copy.deepcopy(models[0]).to("meta")
+        object.__setattr__(self, "_template", template)
+        # Keep member structure (non-tensor settings such as Echo's clip factor) for unstacking.
+        object.__setattr__(self, "_member_template", copy.deepcopy(models[0]).cpu())
+        self._vmapped = {}
+
+    @classmethod
+    def build(cls, method: str, betas: Sequence[float], *, seeds: Sequence[int] | int = 0,
+              arch: str = "conv", latent_dim: int = 32, input_shape=(1, 28, 28),
+              device="cpu", compile: bool = False, **options) -> "Ensemble":
+        """K members of `method`, member k initialised from `torch.manual_seed(seeds[k])`."""
+        from .methods import build_model
+        seeds = [seeds] * len(betas) if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(betas):
+            raise ValueError(f"got {len(betas)} betas but {len(seeds)} seeds")
+        models = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            models.append(build_model(method, arch=arch, latent_dim=latent_dim,
+                                      input_shape=input_shape, **options))
+        ensemble = cls(models, betas).to(device)
+        ensemble.compile_enabled = compile
+        return ensemble
+
+    compile_enabled = False
+
+    def train(self, mode: bool = True) -> "Ensemble":
+        super().train(mode)
+        self._template.train(mode)          # functional_call runs the template's modules
+        return self
+
+    def _state(self) -> tuple[dict, dict]:
+        params = dict(zip(self.param_names, self.stacked))
+        buffers = {n: getattr(self, f"stacked_buffer_{i}") for i, n in enumerate(self.buffer_names)}
+        return params, buffers
+
+    def _member_fn(self, batched_x: bool) -> Callable:
+        """vmap over members of (params, buffers, x, beta) -> (loss, rate, distortion, z)."""
+        if batched_x not in self._vmapped:
+            template = self._template
+
+            def member(params, buffers, x, beta):
+                out = functional_call(template, (params, buffers), (x, beta))
+                return out.loss, out.rate, out.distortion, out.z
+
+            fn = vmap(member, in_dims=(0, 0, 0 if batched_x else None, 0),
+                      randomness="different")
+            if self.compile_enabled:
+                from .train import compile_model
+                fn = compile_model(fn, self.betas.device)
+            self._vmapped[batched_x] = fn
+        return self._vmapped[batched_x]
+
+    def forward(self, x: Tensor, *, shared: bool = False) -> EnsembleOutput:
+        """x: [K, B, ...], one batch per member; or, with shared=True, one batch [B, ...] that
+        every member encodes (evaluation on a common test set)."""
+        if not shared and x.shape[0] != self.k:
+            raise ValueError(f"expected one batch per member, x of shape [{self.k}, B, ...], got "
+                             f"{tuple(x.shape)}; pass shared=True to give all members one batch")
+        params, buffers = self._state()
+        loss, rate, distortion, z = self._member_fn(not shared)(params, buffers, x, self.betas)
+        return EnsembleOutput(loss=loss.sum(), member_loss=loss, rate=rate, distortion=distortion,
+                              z=z)
+
+    def member(self, k: int) -> Autoencoder:
+        """Member k as an ordinary `Autoencoder` (a copy on the CPU, detached from the stack)."""
+        model = copy.deepcopy(self._member_template)
+        params, buffers = self._state()
+        # By name rather than load_state_dict: tied weights (VampPrior's pseudo-input encoder
+        # is the encoder) appear once among the parameters but twice in a state_dict.
+        with torch.no_grad():
+            for name, stacked in params.items():
+                model.get_parameter(name).copy_(stacked[k])
+            for name, stacked in buffers.items():
+                model.get_buffer(name).copy_(stacked[k])
+        return model
+
+    def member_optimizer_state(self, optimizer: torch.optim.Adam, k: int) -> dict:
+        """Member k's slice of an Adam over `self.parameters()`: the state_dict that Adam over
+        `self.member(k).parameters()` would have (parameters in the same order)."""
+        full = optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(self.parameters())}
+        state = {}
+        for p, s in optimizer.state.items():
+            i = index[id(p)]
+            state[i] = {name: (v[k].detach().cpu().clone() if torch.is_tensor(v) and v.dim() > 0
+                               else (v.detach().cpu().clone() if torch.is_tensor(v) else v))
+                        for name, v in s.items()}
+        groups = [{**g, "params": list(range(len(self.param_names)))} for g in full["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+
+@torch.no_grad()
+def evaluate_ensemble(ensemble: Ensemble, x: Tensor, batch_size: int) -> list[dict]:
+    """Per member: mean rate, distortion and -ELBO (nats) over the same data set."""
+    ensemble.eval()
+    sums = torch.zeros(ensemble.k, 2, dtype=torch.float64, device=x.device)
+    for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
+        out = ensemble(x[idx], shared=True)
+        sums += torch.stack([out.rate.sum(1), out.distortion.sum(1)], 1)
+    ensemble.train()
+    return [_metrics(row, len(x)) for row in sums]
+
+
+def _metrics(sums: Tensor, count: int) -> dict:
+    rate, distortion = (sums / count).tolist()
+    return {"rate": rate, "distortion": distortion, "neg_elbo": rate + distortion}
+
+
+def member_configs(config: TrainConfig, betas: Sequence[float] | None,
+                   seeds: Sequence[int] | None) -> list[TrainConfig]:
+    """The K separate-run configs an ensemble stands for (beta and seed per member)."""
+    if betas is None and seeds is None:
+        raise ValueError("fit_ensemble needs betas or seeds (one per member)")
+    k = len(betas) if betas is not None else len(seeds)
+    betas = list(betas) if betas is not None else [config.beta] * k
+    seeds = list(seeds) if seeds is not None else [config.seed] * k
+    if len(betas) != len(seeds) or k < 1:
+        raise ValueError(f"betas ({len(betas)}) and seeds ({len(seeds)}) must have the same "
+                         f"positive length")
+    return [replace(config, beta=float(b), seed=int(s)) for b, s in zip(betas, seeds)]
+
+
+def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
+                 seeds: Sequence[int] | None = None,
+                 on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
+    """Train K members (one per beta and/or seed) as one ensemble; one `FitResult` per member,
+    in the order given. Member k stands for `fit(replace(config, beta=betas[k], seed=seeds[k]))`.
+    `on_epoch(epoch, metrics)` gets the list of the members' metric dicts (keys as in `fit`).
+    With `config.out`, member k's checkpoint.pt and metrics.json go to `<out>/member_<k>/`."""
+    configs = member_configs(config, betas, seeds)
+    k = len(configs)
+    device = resolve_device(config.device)
+    x_train, x_test = load_train_test(config)
+    x_train = x_train[: config.train_limit].to(device)     # on the device once, batched by index
+    x_test = x_test[: config.test_limit].to(device)
+    if len(x_train) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training "
+                         f"examples of {config.dataset}")
+    input_shape = tuple(x_train.shape[1:])
+    models = []
+    for member_config in configs:
+        torch.manual_seed(member_config.seed)   # the initial weights of the separate run
+        models.append(make_model(member_config, input_shape))
+    ensemble = Ensemble(models, [c.beta for c in configs]).to(device)
+    ensemble.compile_enabled = bool(getattr(config, "compile", False))
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=config.lr)
+    sizes = [len(i) for i in batches(len(x_train), config.batch_size, shuffle=False)]
+    total_steps = config.epochs * len(sizes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, config.lr_decay_start))
+    torch.manual_seed(configs[0].seed)
+    histories: list[list[dict]] = [[] for _ in range(k)]
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        # Every member its own batch order, as K separate runs would have.
+        order = torch.stack([torch.randperm(len(x_train), device=device) for _ in range(k)])
+        sums = torch.zeros(k, 2, dtype=torch.float64, device=device)
+        seen = 0
+        for idx in order.split(sizes, dim=1):
+            out = ensemble(x_train[idx])                       # x: [K, B, ...]
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([out.rate.sum(1), out.distortion.sum(1)], 1).detach()
+            seen += idx.shape[1]
+        train = [_metrics(row, seen) for row in sums]
+        bad = [i for i, m in enumerate(train) if not all(math.isfinite(v) for v in m.values())]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite training loss at epoch {epoch} for ensemble member(s) {bad} "
+                f"(beta {[configs[i].beta for i in bad]}); drop or lower those betas")
+        test = evaluate_ensemble(ensemble, x_test, config.batch_size)
+        seconds = time.perf_counter() - start
+        epoch_metrics = []
+        for i in range(k):
+            metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                       "epoch_seconds": seconds, "member": i, "beta": configs[i].beta,
+                       "seed": configs[i].seed,
+                       **{f"train_{n}": v for n, v in train[i].items()},
+                       **{f"test_{n}": v for n, v in test[i].items()}}
+            histories[i].append(metrics)
+            epoch_metrics.append(metrics)
+        if config.progress:
+            best = min(m["test_neg_elbo"] for m in epoch_metrics)
+            print(f"ensemble of {k}: epoch {epoch}/{config.epochs}, best test -ELBO {best:.2f}",
+                  file=sys.stderr)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_metrics)
+
+    results = []
+    for i, member_config in enumerate(configs):
+        model = ensemble.member(i).to(device)
+        results.append(FitResult(model=model, history=histories[i],
+                                 metrics=histories[i][-1] if histories[i] else {}))
+        if config.out is not None:
+            out = Path(config.out) / f"member_{i}"
+            out.mkdir(parents=True, exist_ok=True)
+            state = {"model": {n: t.cpu() for n, t in model.state_dict().items()},
+                     "optimizer": ensemble.member_optimizer_state(optimizer, i),
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "epoch": len(histories[i]), "history": histories[i],
+                     "config": asdict(member_config), "input_shape": list(input_shape)}
+            save_checkpoint(out / "checkpoint.pt", state)
+            _atomic_write(out / "metrics.json",
+                          lambda p, h=histories[i]: p.write_text(json.dumps(h[-1], indent=2)))
+    return results

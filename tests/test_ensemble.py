@@ -1,0 +1,149 @@
+"""Vectorised ensembles: members independent, own noise, own Adam state, each trains like a
+separate run."""
+import copy
+
+import pytest
+import torch
+from scipy import stats
+
+from echo import build_model
+from echo.ensemble import Ensemble, fit_ensemble
+from echo.train import TrainConfig, fit, load_checkpoint, load_model
+
+SHAPE = (1, 8, 8)        # the digits images: a small MLP keeps these tests fast
+
+
+def small_ensemble(method="echo", betas=(0.5, 1.0, 2.0), seeds=(0, 1, 2)):
+    return Ensemble.build(method, list(betas), seeds=list(seeds), arch="mlp", latent_dim=6,
+                          input_shape=SHAPE)
+
+
+def member_grads(ensemble, x, seed):
+    for p in ensemble.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    out = ensemble(x)
+    out.loss.backward()
+    return [p.grad.clone() for p in ensemble.parameters()], out.member_loss.detach()
+
+
+@pytest.mark.parametrize("method", ["echo", "vae"])
+def test_changing_one_member_leaves_the_others_bit_for_bit_unchanged(method):
+    # Same random draws (same seed) twice; only member 2's weights differ in the second pass.
+    # Any mixing across members (a shared batch for the Echo noise, summed statistics) would
+    # move members 0 and 1.
+    ensemble = small_ensemble(method)
+    x = torch.rand(3, 20, *SHAPE).bernoulli()
+    grads, losses = member_grads(ensemble, x, seed=5)
+    with torch.no_grad():
+        for p in ensemble.parameters():
+            p[2].add_(0.1 * torch.randn_like(p[2]))
+    grads2, losses2 = member_grads(ensemble, x, seed=5)
+    assert torch.equal(losses[:2], losses2[:2]) and losses[2] != losses2[2]
+    for g, g2 in zip(grads, grads2):
+        assert torch.equal(g[:2], g2[:2])
+    assert any(not torch.equal(g[2], g2[2]) for g, g2 in zip(grads, grads2))
+
+
+def test_member_gradient_equals_a_separate_models_gradient():
+    # A batch of two makes the Echo noise deterministic (each example's only other is the
+    # second one), so a separately built model with member k's weights sees the same noise.
+    betas = [0.3, 1.0, 4.0]
+    ensemble = small_ensemble(betas=betas)
+    x = torch.rand(3, 2, *SHAPE).bernoulli()
+    grads, losses = member_grads(ensemble, x, seed=0)
+    for k, beta in enumerate(betas):
+        model = ensemble.member(k)
+        out = model(x[k], beta)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(losses[k].item(), rel=1e-5)
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_each_member_has_its_own_adam_state():
+    # Adam over the stacked weights must equal K Adams, each fed only its member's gradient.
+    ensemble = small_ensemble()
+    separate = [ensemble.member(k) for k in range(3)]
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in separate]
+    stacked_opt = torch.optim.Adam(ensemble.parameters(), lr=1e-2)
+    x = torch.rand(3, 20, *SHAPE).bernoulli()
+    for step in range(3):
+        grads, _ = member_grads(ensemble, x, seed=step)
+        # Very different gradient scales per member: a shared statistic would show.
+        with torch.no_grad():
+            for p in ensemble.parameters():
+                p.grad *= torch.tensor([1.0, 1e-3, 1e3]).view(3, *[1] * (p.dim() - 1))
+        for k, (model, opt) in enumerate(zip(separate, optimizers)):
+            for p, stacked in zip(model.parameters(), ensemble.parameters()):
+                p.grad = stacked.grad[k].clone()
+            opt.step()
+        stacked_opt.step()
+    for k, model in enumerate(separate):
+        for p, stacked in zip(model.parameters(), ensemble.parameters()):
+            torch.testing.assert_close(stacked.detach()[k], p.detach(), rtol=1e-5, atol=1e-7)
+        # The member's slice of the optimiser state is the separate Adam's state.
+        sliced = ensemble.member_optimizer_state(stacked_opt, k)["state"]
+        own = optimizers[k].state_dict()["state"]
+        for i in own:
+            for name in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sliced[i][name], own[i][name], rtol=1e-5, atol=1e-12)
+
+
+def test_members_draw_their_own_echo_noise_distributed_like_a_single_model():
+    # Four members with the same weights encode the same batch: each member's code follows the
+    # law of a single model's code (Echo noise from the batch), yet the members' draws differ.
+    torch.manual_seed(0)
+    model = build_model("echo", arch="mlp", latent_dim=6, input_shape=SHAPE)
+    ensemble = Ensemble([copy.deepcopy(model) for _ in range(4)], [1.0] * 4)
+    x = torch.rand(20, *SHAPE).bernoulli()
+    with torch.no_grad():
+        single = torch.stack([model(x).z[0, 0] for _ in range(200)])
+        members = torch.stack([ensemble(x, shared=True).z[:, 0, 0] for _ in range(200)])
+        f, _ = model.channel.heads(model.encoder(x))
+    assert members.shape == (200, 4)
+    assert (members[:, 0] != members[:, 1]).float().mean() > 0.9
+    for k in range(4):
+        assert stats.ks_2samp(members[:, k].numpy(), single.numpy()).pvalue > 1e-3
+    # The code is noisy (not the noiseless f), so the KS test compares two spreads.
+    assert (single != f[0, 0]).all() and (members.std(0) > 0.5 * single.std()).all()
+
+
+def test_fit_ensemble_trains_every_member_and_k1_matches_a_single_run(tmp_path):
+    base = TrainConfig(method="echo", dataset="digits", arch="mlp", latent_dim=6, epochs=3,
+                       progress=False, seed=0)
+    results = fit_ensemble(TrainConfig(**{**base.__dict__, "out": str(tmp_path)}),
+                           betas=[0.5, 2.0])
+    for result, beta in zip(results, [0.5, 2.0]):
+        first, last = result.history[0], result.history[-1]
+        assert last["beta"] == beta
+        assert last["train_neg_elbo"] < first["train_neg_elbo"]
+        assert last["test_neg_elbo"] < first["test_neg_elbo"]
+        assert last["test_neg_elbo"] == pytest.approx(last["test_rate"] + last["test_distortion"])
+    # A higher beta buys a lower rate.
+    assert results[1].metrics["test_rate"] < results[0].metrics["test_rate"]
+    # Member checkpoints are ordinary fit checkpoints.
+    model, config = load_model(tmp_path / "member_1" / "checkpoint.pt")
+    assert config.beta == 2.0 and config.seed == 0
+    assert torch.equal(model.decoder(torch.zeros(4, 6)), results[1].model.decoder(torch.zeros(4, 6)))
+    state = load_checkpoint(tmp_path / "member_1" / "checkpoint.pt")
+    assert state["optimizer"]["state"][0]["exp_avg"].shape == model.encoder[1].weight.shape
+
+    # K = 1 stands for one separate run: same initial weights, own batch order and noise, so
+    # the metrics agree to the run-to-run spread, not bit for bit.
+    single = fit(base).history
+    packed = fit_ensemble(base, seeds=[0])[0].history
+    for a, b in zip(single, packed):
+        assert b["test_neg_elbo"] == pytest.approx(a["test_neg_elbo"], rel=0.03)
+        assert b["test_rate"] == pytest.approx(a["test_rate"], rel=0.1, abs=0.3)
+
+
+def test_ensemble_rejects_mismatched_members():
+    a = build_model("echo", arch="mlp", latent_dim=6, input_shape=SHAPE)
+    b = build_model("echo", arch="mlp", latent_dim=7, input_shape=SHAPE)
+    with pytest.raises(ValueError, match="architecture"):
+        Ensemble([a, b], [1.0, 1.0])
+    with pytest.raises(ValueError, match="one beta per model"):
+        Ensemble([a], [1.0, 2.0])
+    with pytest.raises(ValueError, match="one batch per member"):
+        Ensemble([a, copy.deepcopy(a)], [1.0, 2.0])(torch.rand(3, 5, *SHAPE))
