@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,6 +52,7 @@ class TrainConfig:
     method_options: dict = field(default_factory=dict)
     out: str | None = None              # directory for metrics.json and checkpoint.pt
     progress: bool = True
+    compile: bool = False               # torch.compile the training step on CUDA (eager elsewhere)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "latent_dim"):
@@ -113,6 +115,45 @@ def batches(n: int, batch_size: int, *, shuffle: bool, generator=None, device=No
     if len(chunks) > 1 and len(chunks[-1]) < 2:
         chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
     return chunks
+
+
+def compile_model(fn: Callable, device: str | torch.device, *, force: bool = False,
+                  backend: str = "inductor") -> Callable:
+    """`torch.compile(fn)` where it pays off, else `fn` itself.
+
+    On CUDA the small models of a sweep are launch-bound and compiling fuses their kernels; on
+    the CPU the compile time is not paid back at these sizes, so `fn` runs eagerly unless
+    `force`. A compilation that fails (at torch.compile or at any later call, e.g. a recompile
+    for a new batch size) warns once and falls back to eager for good; a genuine error in `fn`
+    then re-raises from the eager call.
+    """
+    if torch.device(device).type != "cuda" and not force:
+        return fn
+    try:
+        compiled = torch.compile(fn, backend=backend)
+    except Exception as err:  # torch raises several types (invalid backend, no compiler)
+        warnings.warn(f"torch.compile unavailable ({type(err).__name__}: {err}); running eagerly",
+                      RuntimeWarning, stacklevel=2)
+        return fn
+    return _EagerFallback(compiled, fn)
+
+
+class _EagerFallback:
+    """Calls the compiled function until it first fails, then the eager one."""
+
+    def __init__(self, compiled: Callable, eager: Callable):
+        self.compiled, self.eager, self.failed = compiled, eager, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); running eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self.failed = True
+        return self.eager(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -182,6 +223,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     input_shape = tuple(x_train.shape[1:])
 
     model = make_model(config, input_shape).to(device)
+    step_model = compile_model(model, device) if config.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps_per_epoch = len(batches(len(x_train), config.batch_size, shuffle=False))
     total_steps = config.epochs * steps_per_epoch
@@ -209,7 +251,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         sums = torch.zeros(3, device=device)
         seen = 0
         for idx in batches(len(x_train), config.batch_size, shuffle=True, device=device):
-            out = model(x_train[idx], config.beta)
+            out = step_model(x_train[idx], config.beta)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -292,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="method option key=value, e.g. clip_factor=0.8 (repeatable)")
     p.add_argument("--out", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile on CUDA (eager on CPU)")
     args = p.parse_args(argv)
     try:
         config = TrainConfig(method=args.method, dataset=args.dataset, data_root=args.data_root,
@@ -299,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, device=args.device, train_limit=args.train_limit,
                              test_limit=args.test_limit, method_options=dict(args.option),
-                             out=args.out, progress=not args.no_progress)
+                             out=args.out, progress=not args.no_progress,
+                             compile=args.compile)
         result = fit(config)
     except (ValueError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,7 +8,7 @@ from scipy import stats
 
 from echo import build_model
 from echo.ensemble import Ensemble, fit_ensemble
-from echo.train import TrainConfig, fit, load_checkpoint, load_model
+from echo.train import TrainConfig, compile_model, fit, load_checkpoint, load_model
 
 SHAPE = (1, 8, 8)        # the digits images: a small MLP keeps these tests fast
 
@@ -147,3 +147,33 @@ def test_ensemble_rejects_mismatched_members():
         Ensemble([a], [1.0, 2.0])
     with pytest.raises(ValueError, match="one batch per member"):
         Ensemble([a, copy.deepcopy(a)], [1.0, 2.0])(torch.rand(3, 5, *SHAPE))
+
+
+def test_compile_option_runs_eagerly_on_cpu_and_falls_back_when_compilation_fails():
+    model = build_model("echo", arch="mlp", latent_dim=6, input_shape=SHAPE)
+    x = torch.rand(10, *SHAPE).bernoulli()
+    assert compile_model(model, "cpu") is model              # CPU: not worth compiling
+    # A compiler that cannot run (here: an unknown backend) leaves the eager model.
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        assert compile_model(model, "cpu", force=True, backend="no-such-backend") is model
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    # Failing at the first call: warns, then runs eagerly with the same random draws.
+    step = compile_model(model, "cpu", force=True, backend=broken_backend)
+    torch.manual_seed(3)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        loss = step(x, 1.0).loss
+    torch.manual_seed(3)
+    assert torch.equal(loss, model(x, 1.0).loss)
+    # Dynamo traces the model: the compiled step equals the eager one, gradients included.
+    traced = compile_model(model, "cpu", force=True, backend="eager")
+    torch.manual_seed(4)
+    traced(x, 2.0).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(4)
+    model(x, 2.0).loss.backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
