@@ -1,0 +1,356 @@
+"""Fault injection against the real sweep: real Ray, real MLflow (SQLite in a tmp dir), real
+processes killed with SIGKILL. docs/reliability.md lists what each test proves.
+
+- A trial's worker process is SIGKILLed mid-training: Tune restarts the trial from its last
+  checkpoint, the sweep completes, and every trial (the killed one included) ends with the
+  metrics of an uninterrupted run.
+- A trial's loss overflows to inf (beta beyond float32 range: D + beta R = inf, then NaN
+  weights): the trial ends "nonfinite" with the reason in Tune, MLflow and the CSV; evaluate and
+  frontier go on without it and name it as excluded.
+- The sweep driver (`python -m stages.sweep`) is SIGKILLed mid-sweep, then run again: finished
+  trials are not trained again, MLflow holds exactly one child run per trial with every epoch
+  once, and results/sweep.csv appears only when a run of the stage completed.
+- A worker node of a local two-node Ray cluster is killed mid-sweep: its trial is rescheduled
+  on the head node, resumes from its checkpoint, and the sweep completes.
+
+Every process these tests start is stopped by PID in teardown (never `ray stop`, which would
+take down other users' Ray instances on the same machine).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import ray
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from echo.train import fit
+from pipeline.config import load_params
+from pipeline.sweep import run_sweep, train_config
+
+REPO = Path(__file__).resolve().parents[1]
+OVERFLOW_BETA = 1e39        # beta * rate > float32 max (3.4e38): the loss is inf at step one
+SECRET = "canary-5f3e9a1b-not-a-real-secret"
+SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "ECHO_API_TOKEN")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def write_params(root: Path, name: str, *, methods, betas, epochs=3, max_concurrent=2,
+                 train_limit=300) -> Path:
+    raw = {
+        "data": {"dataset": "digits"},
+        "train": {"epochs": epochs, "batch_size": 50, "lr": 3e-3, "seed": 0, "device": "cpu"},
+        "sweep": {"name": name, "methods": methods, "betas": betas, "archs": ["mlp"],
+                  "latent_dims": [4], "train_limit": train_limit, "test_limit": 100,
+                  "max_concurrent": max_concurrent, "max_failures": 2, "checkpoint_every": 1,
+                  "resources": {"cpu": 1}},
+        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": name},
+        "evaluate": {"iwae_k": 4, "batch_size": 50, "test_limit": 100},
+        "frontier": {"recon_samples": 2},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def child_env(**extra) -> dict:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def mlflow_runs(root: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("echo.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("echo.role") == "trial"]
+    return client, parents, children
+
+
+def kill_tree(processes) -> None:
+    """SIGKILL the given psutil processes (if still the same processes) and reap them."""
+    alive = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            alive.append(proc)
+    psutil.wait_procs(alive, timeout=10)
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    return []
+
+
+class Recorder(tune.Callback):
+    """What Tune saw: every result (trial, epoch, worker pid, restarts), recoveries, configs."""
+
+    def __init__(self):
+        self.results: list[dict] = []
+        self.recovered: list[str] = []
+        self.configs: dict[str, dict] = {}
+        self.last: dict[str, dict] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.configs[trial.config["trial_id"]] = dict(trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        entry = {"trial": trial.config["trial_id"], "epoch": result.get("epoch"),
+                 "pid": result.get("pid"), "status": result.get("status"),
+                 "since_restore": result.get("iterations_since_restore")}
+        self.results.append(entry)
+        self.last[entry["trial"]] = dict(result)
+        self.on_result(entry)
+
+    def on_result(self, entry: dict) -> None:
+        pass
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.recovered.append(trial.config["trial_id"])
+
+    def epochs(self, trial_id: str) -> list[int]:
+        return [r["epoch"] for r in self.results if r["trial"] == trial_id and r["epoch"]]
+
+
+class KillWorkerAtEpoch(Recorder):
+    """SIGKILL the process training `target` once Tune holds its checkpoint of `epoch`: a crash of
+    the trial's worker mid-training (during the next epoch).
+
+    Tune registers a reported checkpoint only after a `save` round trip to the trial's actor;
+    a crash inside that window restarts from the checkpoint before. Killing at `on_trial_save`
+    makes the test exact about which checkpoint the restart must use."""
+
+    def __init__(self, target: str, epoch: int):
+        super().__init__()
+        self.target, self.epoch = target, epoch
+        self.killed_pid: int | None = None
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        last = self.last.get(trial.config["trial_id"], {})
+        if trial.config["trial_id"] == self.target and last.get("epoch") == self.epoch \
+                and not self.killed_pid:
+            self.killed_pid = last["pid"]
+            os.kill(last["pid"], signal.SIGKILL)
+
+
+def reference_metrics(config: dict) -> dict:
+    """The trial's final metrics from an uninterrupted fit in this process (one thread, as in a
+    Ray worker with one CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(train_config(config)).metrics
+    finally:
+        torch.set_num_threads(threads)
+
+
+METRICS = ("train_rate", "train_distortion", "train_neg_elbo", "test_rate", "test_distortion",
+           "test_neg_elbo")
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) killed trial worker + (d) non-finite trials: one real sweep, then evaluate and frontier
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_sweep(tmp_path_factory):
+    """prepare -> sweep (echo/vae x beta 1 / 1e39; echo_b1's worker SIGKILLed after epoch 1)
+    -> evaluate -> frontier, all for real in a tmp project directory."""
+    from stages.evaluate import main as evaluate_main
+    from stages.frontier import main as frontier_main
+    from stages.prepare import main as prepare_main
+
+    root = tmp_path_factory.mktemp("faulty")
+    write_params(root, "faulty", methods=["echo", "vae"], betas=[1.0, OVERFLOW_BETA])
+    killer = KillWorkerAtEpoch("echo_b1_mlp_z4", epoch=1)
+    logs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for var in SECRET_VARS:           # secrets in the environment must not reach MLflow
+            mp.setenv(var, SECRET)
+        assert prepare_main(["--params", "params.yaml"]) == 0
+        table = run_sweep(load_params("params.yaml"), root, callbacks=(killer,), verbose=0)
+        for name, main in (("evaluate", evaluate_main), ("frontier", frontier_main)):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(["--params", "params.yaml"])
+            logs[name] = (code, err.getvalue())
+    return {"root": root, "table": table, "killer": killer, "logs": logs}
+
+
+@pytest.mark.slow
+def test_killed_trial_worker_restarts_from_its_checkpoint(faulty_sweep):
+    killer, table = faulty_sweep["killer"], faulty_sweep["table"]
+    target = "echo_b1_mlp_z4"
+    assert killer.killed_pid is not None, "the fault was not injected"
+    assert killer.recovered == [target]                 # Tune retried it (FailureConfig)
+    assert not psutil.pid_exists(killer.killed_pid) or \
+        psutil.Process(killer.killed_pid).status() == psutil.STATUS_ZOMBIE
+    # After the restart the trial continued after its epoch-1 checkpoint, in another process,
+    # instead of starting over at epoch 1.
+    epochs = killer.epochs(target)
+    restart = next(i for i, r in enumerate(killer.results)
+                   if r["trial"] == target and r["pid"] != killer.killed_pid)
+    after = [r for r in killer.results[restart:] if r["trial"] == target]
+    assert after[0]["epoch"] == 2 and after[0]["since_restore"] == 1, after
+    assert epochs[-1] == 3
+    row = table.set_index("trial_id").loc[target]
+    assert row["status"] == "completed" and row["epochs_done"] == 3
+
+
+@pytest.mark.slow
+def test_killed_trial_and_its_neighbours_end_as_if_nothing_happened(faulty_sweep):
+    """Bit-for-bit: the resumed trial and the trial that shared the sweep with it finish with
+    the metrics of uninterrupted runs (the resume restores weights, optimiser, schedule, RNG)."""
+    killer, table = faulty_sweep["killer"], faulty_sweep["table"].set_index("trial_id")
+    for trial in ("echo_b1_mlp_z4", "vae_b1_mlp_z4"):
+        expected = reference_metrics(killer.configs[trial])
+        assert {k: table.loc[trial, k] for k in METRICS} == {k: expected[k] for k in METRICS}, \
+            trial
+
+
+@pytest.mark.slow
+def test_nonfinite_trial_is_stopped_with_its_reason_in_tune_and_mlflow(faulty_sweep):
+    root, killer = faulty_sweep["root"], faulty_sweep["killer"]
+    table = faulty_sweep["table"].set_index("trial_id")
+    diverged = {f"{m}_b1e+39_mlp_z4" for m in ("echo", "vae")}
+    for trial in diverged:
+        assert table.loc[trial, "status"] == "nonfinite"
+        assert "non-finite training loss at epoch 1" in table.loc[trial, "error"]
+        assert table.loc[trial, "checkpoint"] in ("", None) or pd.isna(table.loc[trial, "checkpoint"])
+        last = killer.last[trial]                                    # Tune's last result
+        assert last["status"] == "nonfinite" and "non-finite" in last["error"]
+        assert trial not in killer.recovered                         # not retried: it would diverge again
+    assert set(table.index) - diverged == {"echo_b1_mlp_z4", "vae_b1_mlp_z4"}
+    assert set(table.drop(index=list(diverged))["status"]) == {"completed"}
+    _, parents, children = mlflow_runs(root, "faulty")
+    tags = {c.data.tags["trial_id"]: c.data.tags for c in children}
+    status = {c.data.tags["trial_id"]: c.info.status for c in children}
+    for trial in diverged:
+        assert tags[trial]["status"] == "nonfinite" and "non-finite" in tags[trial]["error"]
+        assert status[trial] == "FAILED"
+    assert len(parents) == 1 and len(children) == 4
+
+
+@pytest.mark.slow
+def test_frontier_goes_on_without_nonfinite_trials_and_names_them(faulty_sweep):
+    root = faulty_sweep["root"]
+    (eval_code, _), (frontier_code, frontier_err) = (faulty_sweep["logs"]["evaluate"],
+                                                      faulty_sweep["logs"]["frontier"])
+    assert eval_code == 0 and frontier_code == 0, faulty_sweep["logs"]
+    diverged = {f"{m}_b1e+39_mlp_z4" for m in ("echo", "vae")}
+    for trial in diverged:
+        assert f"excluded {trial} (nonfinite)" in frontier_err
+        assert trial in (root / "results/table.md").read_text()
+    frontier = pd.read_csv(root / "results/frontier.csv")
+    assert set(frontier["trial_id"]) == {"echo_b1_mlp_z4", "vae_b1_mlp_z4"}
+
+
+@pytest.mark.slow
+def test_mlflow_params_hold_no_secrets_or_absolute_paths(faulty_sweep):
+    root = faulty_sweep["root"]
+    _, parents, children = mlflow_runs(root, "faulty")
+    home = str(Path.home())
+    for run in parents + children:
+        for key, value in run.data.params.items():
+            assert SECRET not in value and SECRET not in key, (key, value)
+            assert str(root) not in value and not value.startswith("/"), (key, value)
+            assert home == "/" or home not in value, (key, value)
+            assert not any(word in key.lower() for word in ("password", "secret", "token")), key
+        for key, value in run.data.tags.items():
+            assert SECRET not in value, (key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the driver is SIGKILLed mid-sweep, then the stage runs again
+# ---------------------------------------------------------------------------------------------
+
+
+def finished_trials(db: Path) -> set[str]:
+    """Trial ids whose MLflow child run has ended (read-only, tolerant of a busy store)."""
+    if not db.exists():
+        return set()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+            rows = c.execute(
+                "SELECT t.value FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+                "JOIN tags role ON r.run_uuid = role.run_uuid WHERE t.key = 'trial_id' AND "
+                "role.key = 'echo.role' AND role.value = 'trial' AND r.status = 'FINISHED'")
+            return {value for (value,) in rows}
+    except sqlite3.Error:
+        return set()
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
+    betas = [0.25, 0.5, 1.0, 2.0]
+    write_params(tmp_path, "driver", methods=["vae"], betas=betas, max_concurrent=1)
+    trials = {f"vae_b{b:g}_mlp_z4" for b in betas}
+    cmd = [sys.executable, "-m", "stages.sweep", "--params", "params.yaml", "--verbose", "0"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    processes = []
+    try:
+        deadline = time.monotonic() + 300
+        while not finished_trials(tmp_path / "mlflow.db"):
+            assert driver.poll() is None, f"the sweep ended before the fault: {driver.stderr.read()}"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        processes = tree(driver.pid)                   # the driver and the Ray it started
+        os.killpg(driver.pid, signal.SIGKILL)          # the fault: driver (and its Ray) die
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        kill_tree(processes)
+    assert driver.returncode == -signal.SIGKILL
+
+    done_before = finished_trials(tmp_path / "mlflow.db")
+    assert 1 <= len(done_before) < len(trials), done_before
+    assert not (tmp_path / "results/sweep.csv").exists()            # no partial table
+    assert not list((tmp_path / "results").glob("*.tmp")) if (tmp_path / "results").exists() else True
+    trial_dir = tmp_path / "ray_results" / "driver"
+    results_before = {t: (trial_dir / t / "result.json").read_bytes() for t in done_before}
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                           timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    table = pd.read_csv(tmp_path / "results/sweep.csv")
+    assert set(table["trial_id"]) == trials
+    assert set(table["status"]) == {"completed"} and set(table["epochs_done"]) == {3}
+    for trial in done_before:                                       # not trained again
+        assert (trial_dir / trial / "result.json").read_bytes() == results_before[trial], trial
+    client, parents, children = mlflow_runs(tmp_path, "driver")
+    assert len(parents) == 1
+    ids = [c.data.tags["trial_id"] for c in children]
+    assert sorted(ids) == sorted(trials)                            # one child per trial
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_neg_elbo")]
+        assert sorted(steps) == [1, 2, 3], (child.data.tags["trial_id"], steps)
+        assert child.info.status == "FINISHED"
+    assert set(table["mlflow_run_id"]) == {c.info.run_id for c in children}
