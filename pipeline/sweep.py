@@ -29,21 +29,24 @@ import time
 import uuid
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.fs
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from echo import clip_factor as solve_clip_factor
 from echo.data import DataError
 from echo.train import (NonFiniteLossError, TrainConfig, fit, load_checkpoint, load_model,
                         load_train_test, save_checkpoint)
 from pipeline.config import Params
-from pipeline.tracking import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, SweepTracker,
-                               resolve_tracking_uri)
+
+# Trial workers import this module for `train_trial`: MLflow, pandas and Optuna (seconds of
+# imports per worker) are imported only in the driver-side functions that use them.
+EPOCH_METRICS = ("train_rate", "train_distortion", "train_neg_elbo",
+                 "test_rate", "test_distortion", "test_neg_elbo")
+# The files a trial writes into its final Tune checkpoint.
+MODEL_FILE = "model.pt"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
 
 RESULTS_CSV = Path("results/sweep.csv")
 CHECKPOINT_DIR = Path("results/checkpoints")
@@ -97,6 +100,7 @@ class GridOptunaSearch(Searcher):
 
     def __init__(self, points: list[dict], spaces: list[dict], base: dict, num_samples: int,
                  metric: str, mode: str = "min", seed: int = 0):
+        from ray.tune.search.optuna import OptunaSearch
         super().__init__(metric=metric, mode=mode)
         self.points, self.base, self.num_samples = points, base, num_samples
         self.studies = [OptunaSearch(space=space, metric=metric, mode=mode, seed=seed + i)
@@ -297,8 +301,9 @@ def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
     return uid, False
 
 
-def connect_ray() -> bool:
-    """Join the cluster at $RAY_ADDRESS, else start Ray on this machine; True if started here."""
+def connect_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster at $RAY_ADDRESS, else start Ray on this machine (with `num_cpus`
+    logical CPUs, default all); True if this call started it."""
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or None
@@ -306,7 +311,8 @@ def connect_ray() -> bool:
     code = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": path}}
-    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
+    ray.init(address=address, num_cpus=None if address else num_cpus,
+             runtime_env=runtime_env, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     return True
 
@@ -322,9 +328,11 @@ class _TrialStatus(tune.Callback):
 
 
 def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
-              verbose: int = 1) -> pd.DataFrame:
+              verbose: int = 1):
     """Run (or resume) the sweep; write results/sweep.csv and results/checkpoints/<trial>.pt
-    under `root`, and return the table. Raises SweepInterrupted if trials remain unfinished."""
+    under `root`, and return the table (a pandas DataFrame). Raises SweepInterrupted if
+    trials remain unfinished."""
+    from pipeline.tracking import SweepTracker, resolve_tracking_uri
     root = Path(root).resolve()
     check_inputs(params, root)
     sweep = params.sweep
@@ -383,20 +391,24 @@ def tune_config(params: Params, root: Path) -> tune.TuneConfig:
                                 metric=sweep.search.metric, mode="min", seed=params.train.seed)
     scheduler = None
     if sweep.asha:
+        from ray.tune.schedulers import ASHAScheduler
         scheduler = ASHAScheduler(metric=sweep.search.metric, mode="min",
                                   time_attr="training_iteration", max_t=params.train.epochs,
                                   grace_period=max(1, params.train.epochs // 4))
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                            num_samples=searcher.total, max_concurrent_trials=sweep.max_concurrent,
-                           trial_name_creator=_trial_id, trial_dirname_creator=_trial_id)
+                           trial_name_creator=_trial_id, trial_dirname_creator=_trial_id,
+                           # one worker process trains trial after trial: no re-import of torch
+                           reuse_actors=True)
 
 
 def _trial_id(trial) -> str:
     return trial.config["trial_id"]
 
 
-def collect_results(grid, tracker: SweepTracker, root: Path) -> pd.DataFrame:
+def collect_results(grid, tracker, root: Path):
     """One row per trial; completed trials' final checkpoints copied to results/checkpoints."""
+    import pandas as pd
     staging = Path(tempfile.mkdtemp(prefix=".checkpoints-", dir=_ensure(root / "results")))
     rows = []
     try:
@@ -456,5 +468,5 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
-__all__ = ["CSV_COLUMNS", "GridOptunaSearch", "SweepError", "SweepInterrupted", "grid_points",
-           "run_sweep", "train_trial", "trial_name"]
+__all__ = ["CSV_COLUMNS", "GridOptunaSearch", "SweepError", "SweepInterrupted", "connect_ray",
+           "grid_points", "run_sweep", "train_trial", "trial_name"]

@@ -19,13 +19,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-EPOCH_METRICS = ("train_rate", "train_distortion", "train_neg_elbo",
-                 "test_rate", "test_distortion", "test_neg_elbo")
+from pipeline.sweep import EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE
+
 TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
                 "epochs", "batch_size")
-# Files a trial writes into its final Tune checkpoint (see pipeline.sweep.train_trial).
-MODEL_FILE = "model.pt"
-RECONSTRUCTIONS_FILE = "reconstructions.png"
 SWEEP_UID_TAG = "echo.sweep_uid"
 ROLE_TAG = "echo.role"
 PARENT_TAG = "mlflow.parentRunId"

@@ -1,0 +1,210 @@
+"""The sweep end to end: real Ray (local, one instance for the module), real MLflow on SQLite in
+tmp_path, the digits data and an MLP for a couple of epochs."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+pytest.importorskip("optuna")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray import tune  # noqa: E402
+
+from echo.train import load_model  # noqa: E402
+from pipeline.config import Params  # noqa: E402
+from pipeline.sweep import (CSV_COLUMNS, SweepError, SweepInterrupted, connect_ray,  # noqa: E402
+                            run_sweep)
+from pipeline.sweep import EPOCH_METRICS  # noqa: E402
+from stages.sweep import main as stage_main  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One local Ray for all tests here; 8 logical CPUs so that 8 trials can run at once."""
+    started = connect_ray(num_cpus=8)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def tiny_params(name: str, **sweep) -> Params:
+    return Params.model_validate({
+        "data": {"dataset": "digits"},
+        "train": {"epochs": 2, "batch_size": 50, "lr": 3e-3, **sweep.pop("train", {})},
+        "sweep": {"name": name, "methods": ["echo", "vae"], "betas": [0.5, 1.0],
+                  "latent_dims": [4], "archs": ["mlp"], "train_limit": 150, "test_limit": 60,
+                  "max_concurrent": 2, "checkpoint_every": 1, **sweep},
+        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "test"},
+    })
+
+
+def mlflow_runs(root: Path):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("echo.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("echo.role") == "trial"]
+    return client, parents, children
+
+
+class EpochLog(tune.Callback):
+    """Every (trial, epoch) the trials report: the count of trainings."""
+
+    def __init__(self):
+        self.epochs: list[tuple[str, int]] = []
+        self.completed: list[str] = []
+        self.live = self.most_live = 0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.live += 1
+        self.most_live = max(self.most_live, self.live)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and result.get("status") == "running":
+            self.epochs.append((trial.config["trial_id"], int(result["epoch"])))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.live -= 1
+        self.completed.append(trial.config["trial_id"])
+
+
+class InterruptAfterFirstTrial(EpochLog):
+    """Stops the sweep as Ctrl-C would (Tune's SIGUSR1 handler) once one trial has finished."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        super().on_trial_complete(iteration, trials, trial, **info)
+        if len(self.completed) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
+    params = tiny_params("grid")
+    table = run_sweep(params, tmp_path, verbose=0)
+
+    csv = pd.read_csv(tmp_path / "results/sweep.csv", keep_default_na=False)
+    assert list(csv.columns) == CSV_COLUMNS
+    assert sorted(csv.trial_id) == ["echo_b0.5_mlp_z4", "echo_b1_mlp_z4",
+                                    "vae_b0.5_mlp_z4", "vae_b1_mlp_z4"]
+    assert set(csv.status) == {"completed"} and set(csv.epochs_done) == {2}
+    assert csv.loc[csv.method == "vae", "clip_factor"].eq("").all()
+    assert 0 < float(csv.loc[csv.method == "echo", "clip_factor"].iloc[0]) < 1
+
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.run_name == "grid"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    for row in csv.itertuples():
+        child = by_trial[row.trial_id]
+        assert child.info.run_id == row.mlflow_run_id
+        assert child.data.tags["status"] == "completed"
+        assert child.data.tags["method"] == row.method and child.data.tags["dataset"] == "digits"
+        assert float(child.data.tags["beta"]) == row.beta
+        assert {k: child.data.params[k] for k in ("method", "arch", "latent_dim", "epochs")} == \
+            {"method": row.method, "arch": "mlp", "latent_dim": "4", "epochs": "2"}
+        for name in EPOCH_METRICS:
+            history = client.get_metric_history(child.info.run_id, name)
+            assert sorted(m.step for m in history) == [1, 2], name
+            assert math.isclose(max(history, key=lambda m: m.step).value, getattr(row, name),
+                                rel_tol=1e-6)
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == \
+            {"model.pt", "reconstructions.png"}
+        # the copied final checkpoint is a model the next stage can load
+        model, config = load_model(tmp_path / row.checkpoint)
+        assert (config.method, config.beta, config.epochs) == (row.method, row.beta, 2)
+    assert len(table) == 4
+
+    # The stored experiment belongs to these settings: other betas under the same name refuse.
+    changed = tiny_params("grid", betas=[0.5, 2.0])
+    with pytest.raises(SweepError, match="sweep"):
+        run_sweep(changed, tmp_path, verbose=0)
+
+
+def test_interrupted_sweep_resumes_without_retraining_finished_trials(tmp_path):
+    params = tiny_params("resume", methods=["vae"], betas=[0.25, 0.5, 1.0], train={"epochs": 3})
+    first = InterruptAfterFirstTrial()
+    with pytest.raises(SweepInterrupted, match="run the stage again"):
+        run_sweep(params, tmp_path, callbacks=(first,), verbose=0)
+    assert not (tmp_path / "results/sweep.csv").exists()
+    assert 1 <= len(first.completed) < 3
+
+    second = EpochLog()
+    run_sweep(params, tmp_path, callbacks=(second,), verbose=0)
+    retrained = {trial for trial, _ in second.epochs}
+    assert retrained.isdisjoint(first.completed)            # finished trials are not trained again
+    for trial in retrained:
+        before = [e for t, e in first.epochs if t == trial]
+        after = sorted(e for t, e in second.epochs if t == trial)
+        # an unfinished trial continues after its last checkpointed epoch (checkpoint_every=1)
+        assert after == list(range(max(before, default=0) + 1, 4)), (trial, before, after)
+
+    csv = pd.read_csv(tmp_path / "results/sweep.csv")
+    assert len(csv) == 3 and set(csv.status) == {"completed"} and set(csv.epochs_done) == {3}
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 3              # no duplicate child runs
+    for child in children:
+        assert child.data.tags["status"] == "completed"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_neg_elbo")]
+        assert sorted(steps) == [1, 2, 3]
+    assert set(csv.mlflow_run_id) == {c.info.run_id for c in children}
+
+
+def test_a_diverging_trial_is_marked_nonfinite_and_the_others_complete(tmp_path):
+    # lr = 1 genuinely diverges for the Gaussian VAE (log-variances blow up) within an epoch,
+    # while Echo's bounded f and S keep its loss finite.
+    params = tiny_params("nan", betas=[1.0], train={"lr": 1.0})
+    run_sweep(params, tmp_path, verbose=0)
+    csv = pd.read_csv(tmp_path / "results/sweep.csv", keep_default_na=False).set_index("method")
+    assert csv.loc["vae", "status"] == "nonfinite"
+    assert "non-finite training loss" in csv.loc["vae", "error"]
+    assert csv.loc["vae", "checkpoint"] == ""
+    assert csv.loc["echo", "status"] == "completed" and csv.loc["echo", "epochs_done"] == 2
+    _, _, children = mlflow_runs(tmp_path)
+    tags = {c.data.tags["method"]: c.data.tags for c in children}
+    assert tags["vae"]["status"] == "nonfinite" and "non-finite" in tags["vae"]["error"]
+    assert tags["echo"]["status"] == "completed"
+
+
+def test_eight_concurrent_trials_share_one_sqlite_store(tmp_path):
+    params = tiny_params("eight", betas=[0.25, 0.5, 1.0, 2.0], max_concurrent=8,
+                         resources={"cpu": 1}, train={"epochs": 2})
+    watch = EpochLog()
+    run_sweep(params, tmp_path, callbacks=(watch,), verbose=0)
+    assert watch.most_live == 8                              # all eight ran at the same time
+    csv = pd.read_csv(tmp_path / "results/sweep.csv")
+    assert len(csv) == 8 and set(csv.status) == {"completed"}
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 8
+    for child in children:
+        assert set(child.data.metrics) == set(EPOCH_METRICS)
+        assert len(client.get_metric_history(child.info.run_id, "train_rate")) == 2
+
+
+@pytest.mark.parametrize("sweep, field", [
+    ("betas: [0.0, 1.0]", "sweep.betas"),
+    ("methodz: [echo]", "sweep.methodz"),
+    ("search: {clip_factor: {low: 0.5, high: 0.99}}", "sweep.search.clip_factor.high"),
+    ("search: {metric: test_elbo}", "sweep.search.metric"),
+    ("betas: [1.0, 1.0]", "sweep.betas"),
+])
+def test_invalid_params_fail_before_anything_starts(tmp_path, capsys, monkeypatch, sweep, field):
+    (tmp_path / "params.yaml").write_text(f"data: {{dataset: digits}}\nsweep:\n  {sweep}\n")
+    monkeypatch.chdir(tmp_path)
+    assert stage_main(["--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert field in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_data_fails_before_ray_starts_naming_the_field(tmp_path):
+    params = Params.model_validate({"data": {"dataset": "mnist", "raw_dir": "nowhere"}})
+    with pytest.raises(SweepError, match="data"):
+        run_sweep(params, tmp_path, verbose=0)
+    assert not (tmp_path / "ray_results").exists()
