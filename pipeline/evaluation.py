@@ -1,0 +1,145 @@
+"""Evaluate every completed sweep trial's final checkpoint on the test set.
+
+For each trial: test rate, distortion and -ELBO = R + D (nats, one encoder sample per example),
+and the importance-weighted bound -log p(x) >= -IWAE_k where the method's marginal is a density.
+Echo's marginal q(z) = E_x q(z|x) has no closed form, so Echo gets no IWAE bound; its -ELBO is
+already tight in the rate (Eq. 4, exact). Trials that did not complete (nonfinite, failed) are
+kept as rows without metrics so later stages can say what was excluded and why.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from echo import echo_low_rate_limit
+from echo.train import _atomic_write, batches, evaluate, load_model, resolve_device
+
+# The contract of results/sweep.csv written by the sweep stage.
+SWEEP_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "lr",
+                 "clip_factor", "status", "error", "checkpoint")
+METRIC_COLUMNS = ("rate", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik",
+                  "low_rate_limit", "note")
+EVALUATION_COLUMNS = SWEEP_COLUMNS + METRIC_COLUMNS
+NO_DENSITY_NOTE = ("no IWAE bound: the marginal q(z) has no closed-form density (exact-rate "
+                   "method); -ELBO uses the exact rate")
+TABLE_BETA = 1.0            # beta = 1: -ELBO is a bound on -log p(x) (Table 2)
+
+
+class EvaluationError(ValueError):
+    """The sweep table or a checkpoint it names cannot be used; the message says which."""
+
+
+def read_sweep(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"{path}: not found; run the sweep first (`dvc repro sweep`)")
+    table = pd.read_csv(path, keep_default_na=True)
+    missing = [c for c in SWEEP_COLUMNS if c not in table.columns]
+    if missing:
+        raise EvaluationError(f"{path}: missing column(s) {missing}; it must come from "
+                              f"`python -m stages.sweep`")
+    return table
+
+
+@torch.no_grad()
+def iwae_neg_log_likelihood(model, x: torch.Tensor, k: int, batch_size: int) -> float:
+    """Mean -IWAE_k (nats) over x, an upper bound on -log p(x) that tightens as k grows."""
+    model.eval()
+    total = 0.0
+    for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
+        total += float(model.iwae_bound(x[idx], k=k, chunk=max(1, min(k, 100))).sum())
+    return -total / len(x)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, x_test: torch.Tensor, *, batch_size: int,
+                        iwae_k: int, device: torch.device, seed: int = 0) -> dict:
+    """Test-set metrics of one trained model (see the module docstring for the columns)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise EvaluationError(f"checkpoint {path} listed in the sweep table is missing; re-run "
+                              f"the sweep (`dvc repro -f sweep`)")
+    try:
+        model, config = load_model(path, device=str(device))
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
+    torch.manual_seed(seed)          # the encoder noise: the same numbers on every re-run
+    x = x_test.to(device)
+    # Echo draws its noise from the rest of the batch: evaluate with at least the training
+    # batch so the truncated sum keeps the precision its clipping factor was solved for.
+    batch = max(batch_size, config.batch_size)
+    metrics = evaluate(model, x, batch, beta=config.beta)
+    row = {**metrics, "iwae_k": np.nan, "iwae_neg_log_lik": np.nan, "low_rate_limit": np.nan,
+           "note": ""}
+    if model.has_density:
+        row["iwae_k"] = iwae_k
+        row["iwae_neg_log_lik"] = iwae_neg_log_likelihood(model, x, iwae_k, batch)
+    else:
+        row["note"] = NO_DENSITY_NOTE
+    clip = getattr(model.channel, "clip_factor", None)
+    if getattr(model.channel, "exact_rate", False) and clip is not None:
+        row["low_rate_limit"] = echo_low_rate_limit(clip, config.latent_dim)
+    return row
+
+
+def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int, iwae_k: int,
+                   device: str = "auto", seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """One row per sweep trial; metrics for the completed ones (tqdm bar over checkpoints)."""
+    dev = resolve_device(device)
+    rows = []
+    completed = sweep["status"] == "completed"
+    bar = tqdm(total=int(completed.sum()), desc="evaluate", unit="model", disable=not progress)
+    for _, trial in sweep.iterrows():
+        row = {c: trial[c] for c in SWEEP_COLUMNS}
+        row.update({c: np.nan for c in METRIC_COLUMNS})
+        if trial["status"] == "completed":
+            row.update(evaluate_checkpoint(trial["checkpoint"], x_test, batch_size=batch_size,
+                                           iwae_k=iwae_k, device=dev, seed=seed))
+            bar.set_postfix(method=trial["method"], beta=trial["beta"],
+                            neg_elbo=f"{row['neg_elbo']:.2f}")
+            bar.update(1)
+        else:
+            row["note"] = f"excluded: {trial['status']}"
+        rows.append(row)
+    bar.close()
+    return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
+
+
+def best_at_beta(evaluation: pd.DataFrame, beta: float = TABLE_BETA) -> pd.DataFrame:
+    """Per method, the completed trial with the lowest test -ELBO among those trained at beta
+    (several when the sweep also varies lr, clipping factor, architecture or latent size)."""
+    done = evaluation[(evaluation["status"] == "completed")
+                      & np.isclose(evaluation["beta"].astype(float), beta)
+                      & np.isfinite(evaluation["neg_elbo"].astype(float))]
+    if done.empty:
+        return done
+    best = done.loc[done.groupby("method", sort=False)["neg_elbo"].idxmin()]
+    return best.set_index("method")
+
+
+def metrics_summary(evaluation: pd.DataFrame, beta: float = TABLE_BETA) -> dict:
+    """metrics.json: per method, the best test -ELBO at beta (with its R, D and IWAE bound)."""
+    summary = {}
+    for method, row in best_at_beta(evaluation, beta).iterrows():
+        entry = {k: float(row[k]) for k in ("neg_elbo", "rate", "distortion")}
+        if math.isfinite(float(row["iwae_neg_log_lik"])):
+            entry["iwae_neg_log_lik"] = float(row["iwae_neg_log_lik"])
+        summary[method] = entry
+    return {"beta": beta, "best_test_neg_elbo": summary}
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))

@@ -1,0 +1,139 @@
+"""Figures of the frontier stage: rate-distortion curves and reconstructions along them.
+
+- `rd_curves`: distortion against rate per method (paper Figs. 3-5): every evaluated trial as a
+  faint point, the Pareto frontier as a line, its lower-convex-hull points filled; dotted
+  iso-lines R + D = const (equal -ELBO); Echo's low-rate limit -d_z log r (Sec. 5) dashed.
+- `reconstructions`: test images and the frontier models' reconstructions at the lowest, a
+  middle and the highest rate of each method, each the mean of `samples` decoder outputs over
+  independent encoder samples (the paper averages 10).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")           # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from echo.train import _atomic_write, load_model  # noqa: E402
+from pipeline.frontier import completed, series_labels  # noqa: E402
+
+RECON_IMAGES = 8                # test images per row of reconstructions.png
+LEVELS = ("low", "middle", "high")
+
+
+def _save(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def _iso_elbo_levels(total: np.ndarray, count: int = 5) -> np.ndarray:
+    """A few round values of R + D spanning the plotted points."""
+    low, high = float(np.min(total)), float(np.max(total))
+    if high - low < 1e-9:
+        high = low + 1.0
+    return np.unique(np.round(np.linspace(low, high + 0.5 * (high - low), count), 1))
+
+
+def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path, *,
+              title: str = "") -> None:
+    points = completed(evaluation).copy()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if points.empty:
+        ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
+        _save(fig, path)
+        return
+    points["series"] = series_labels(points)
+    colors = dict(zip(points["series"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]
+                      * 4))
+    for series, group in points.groupby("series", sort=False):
+        color = colors[series]
+        ax.scatter(group["rate"], group["distortion"], color=color, alpha=0.3, s=14)
+        front = frontier[frontier["series"] == series].sort_values("rate")
+        ax.plot(front["rate"], front["distortion"], "-o", color=color, markerfacecolor="white",
+                markersize=5, label=series)
+        hull = front[front["on_hull"].astype(bool)]
+        ax.plot(hull["rate"], hull["distortion"], "o", color=color, markersize=5)
+    echo_color = next((colors[s] for s in colors if s.split()[0] == "echo"), "black")
+    limits = points["low_rate_limit"].dropna().unique()
+    for i, limit in enumerate(sorted(limits)):
+        ax.axvline(limit, color=echo_color, linestyle="--", linewidth=1,
+                   label="Echo low-rate limit $-d_z \\log r$" if i == 0 else None)
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    xlim = (min(0.0, xlim[0]), xlim[1])
+    rate_grid = np.linspace(*xlim, 2)
+    for level in _iso_elbo_levels(points["rate"] + points["distortion"]):
+        ax.plot(rate_grid, level - rate_grid, ":", color="gray", linewidth=0.8, zorder=0)
+        # Label each line where it enters the axes (left edge, else top edge).
+        x_text, y_text = (xlim[0], level - xlim[0]) if level - xlim[0] <= ylim[1] \
+            else (level - ylim[1], ylim[1])
+        if xlim[0] <= x_text <= xlim[1] and ylim[0] <= y_text <= ylim[1]:
+            ax.text(x_text, y_text, f" −ELBO={level:g}", color="gray", fontsize=7, va="top")
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    ax.set_xlabel("rate R (nats)")
+    ax.set_ylabel("distortion D (nats)")
+    ax.set_title(title or "Rate-distortion (test set); dotted: R + D = const")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.2)
+    _save(fig, path)
+
+
+def pick_levels(front: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """The lowest-, a middle- and the highest-rate frontier point (fewer if the frontier is
+    shorter)."""
+    front = front.sort_values("rate").reset_index(drop=True)
+    picks = dict(zip(LEVELS, (0, len(front) // 2, len(front) - 1)))
+    chosen, seen = [], set()
+    for level, index in picks.items():
+        if index not in seen:
+            seen.add(index)
+            chosen.append((level, front.iloc[index]))
+    return chosen
+
+
+@torch.no_grad()
+def mean_reconstruction(checkpoint: str | Path, x: torch.Tensor, samples: int, seed: int = 0,
+                        device: str = "cpu") -> torch.Tensor:
+    """Bernoulli means averaged over `samples` encoder samples, for the images of x.
+
+    x is passed as one batch of at least the training batch size where available, because
+    Echo draws each example's noise from the other examples of the batch.
+    """
+    model, config = load_model(checkpoint, device=device)
+    model.eval()
+    torch.manual_seed(seed)
+    batch = x[: max(config.batch_size, RECON_IMAGES)].to(device)
+    mean = torch.zeros_like(batch)
+    for _ in range(samples):
+        mean += torch.sigmoid(model(batch, config.beta).logits)
+    return (mean / samples).cpu()
+
+
+def reconstructions(frontier: pd.DataFrame, x_test: torch.Tensor, path: str | Path, *,
+                    samples: int, device: str = "cpu") -> None:
+    rows = [("data", x_test[:RECON_IMAGES])]
+    for series, front in frontier.groupby("series", sort=False):
+        for level, point in pick_levels(front):
+            recon = mean_reconstruction(point["checkpoint"], x_test, samples, device=device)
+            rows.append((f"{series} ({level})\nβ={point['beta']:g} R={point['rate']:.1f}",
+                         recon[:RECON_IMAGES]))
+    count = min(RECON_IMAGES, len(x_test))
+    fig, axes = plt.subplots(len(rows), count, figsize=(1.0 * count + 1.6, 1.0 * len(rows)),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.imshow(images[c].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"test images and reconstructions (mean of {samples} encoder samples)",
+                 fontsize=9)
+    _save(fig, path)

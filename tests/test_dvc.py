@@ -1,0 +1,210 @@
+"""The DVC pipeline: dvc.yaml's deps match the code each stage imports, and `dvc repro` runs
+prepare -> sweep -> evaluate -> frontier end to end in a temporary git repository (real Ray
+Tune, MLflow on SQLite, DVC) at tiny settings."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "sweep", "evaluate", "frontier")
+PACKAGES = ("echo", "pipeline", "stages")
+
+def _module_file(module: str) -> str | None:
+    """The project file that defines a dotted module name, if it is a project module."""
+    base = REPO.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if module.split(".")[0] in PACKAGES and path.is_file():
+            return path.relative_to(REPO).as_posix()
+    return None
+
+
+def _imports_of(path: str) -> set[str]:
+    """Project modules a file imports, anywhere in it (also inside functions, where e.g. the
+    sweep stage imports Ray only after validating params), with the parent packages whose
+    __init__ runs first; a package that imports its modules through pkgutil imports them all."""
+    source = (REPO / path).read_text()
+    package = Path(path).parent.as_posix().replace("/", ".")
+    if path.endswith("__init__.py") and "pkgutil.iter_modules" in source:
+        names = {f"{package}.{p.stem}" for p in (REPO / path).parent.glob("*.py")}
+    else:
+        names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names.add(module)
+            names |= {f"{module}.{a.name}" for a in node.names}   # `from pkg import module`
+    modules = set()
+    for name in names:
+        parts = name.split(".")
+        modules |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return {f for f in map(_module_file, modules) if f is not None}
+
+
+def imported_files(module: str) -> set[str]:
+    """Every project file that running `python -m <module>` can import (transitively)."""
+    todo, seen = [_module_file(module)], set()
+    for parent in module.split(".")[:-1]:
+        todo.append(_module_file(parent))
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(_imports_of(path) - seen)
+    return seen
+
+
+def _code_deps(stage: dict) -> set[str]:
+    """The .py files a stage's code deps name (a folder stands for the .py files in it)."""
+    files = set()
+    for dep in stage["deps"]:
+        path = REPO / dep
+        if path.is_dir():
+            files |= {p.relative_to(REPO).as_posix() for p in path.rglob("*.py")}
+        elif dep.endswith(".py"):
+            files.add(dep)
+    return files
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_deps_are_exactly_the_code_it_imports(stage):
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert pipeline[stage]["cmd"] == f"python -m stages.{stage}"
+    listed = _code_deps(pipeline[stage])
+    imported = imported_files(f"stages.{stage}")
+    assert imported - listed == set(), f"{stage}: imported but not a dep in dvc.yaml"
+    assert listed - imported == set(), f"{stage}: a dep in dvc.yaml that it does not import"
+
+
+# ---- end to end -----------------------------------------------------------------------------
+# Overrides of the project's params.yaml (DVC needs every field a stage lists to be in it).
+TINY_PARAMS = {
+    "data": {"dataset": "digits"},
+    "train": {"epochs": 2, "batch_size": 50, "lr": 0.002, "device": "cpu"},
+    "sweep": {"name": "tiny", "methods": ["echo", "vae"], "betas": [0.3, 1.0],
+              "archs": ["mlp"], "latent_dims": [4], "max_concurrent": 2, "train_limit": 300,
+              "test_limit": 100},
+    "evaluate": {"iwae_k": 8, "test_limit": 100},
+    "frontier": {"recon_samples": 2},
+}
+OUTPUTS = ("data/prepared/digits.npz", "data/prepared/digits.manifest.json", "results/sweep.csv",
+           "results/evaluation.csv", "metrics.json", "results/frontier.csv",
+           "results/rd_curves.png", "results/reconstructions.png", "results/table.md")
+
+
+def _project_files() -> list[str]:
+    """Tracked and not-ignored files of the checkout (what a fresh clone plus work in progress
+    holds); never caches, results or Ray/MLflow state."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 600) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+           "RAY_ADDRESS": "", "PYTHONPATH": "", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n" \
+                                   f"{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    for name in _project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / name).read_bytes())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section] = {**params.get(section, {}), **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "project"], root)
+    return root
+
+
+def _ran(log: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in log]
+
+
+def _status(root: Path) -> set[str]:
+    return set(json.loads(_run(["dvc", "status", "--json"], root)))
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(project: Path):
+    log = _run(["dvc", "repro"], project)
+    assert _ran(log) == list(STAGES)
+    for name in OUTPUTS:
+        assert (project / name).stat().st_size > 0, name
+
+    sweep = pd.read_csv(project / "results/sweep.csv")
+    assert len(sweep) == 4 and set(sweep["status"]) == {"completed"}
+    evaluation = pd.read_csv(project / "results/evaluation.csv")
+    assert len(evaluation) == 4
+    vae = evaluation[evaluation["method"] == "vae"]
+    echo = evaluation[evaluation["method"] == "echo"]
+    # -IWAE_k is a bound at least as tight as the -ELBO (up to Monte-Carlo noise).
+    assert np.all(vae["iwae_neg_log_lik"] <= vae["neg_elbo"] + 0.5)
+    assert echo["iwae_neg_log_lik"].isna().all() and echo["note"].str.contains("no IWAE").all()
+    assert np.all(echo["rate"] >= echo["low_rate_limit"] - 1e-6)     # Echo rate >= -d log r
+    metrics = json.loads((project / "metrics.json").read_text())
+    assert set(metrics["best_test_neg_elbo"]) == {"echo", "vae"}
+    assert "| echo |" in (project / "results/table.md").read_text()
+    _check_frontier(pd.read_csv(project / "results/frontier.csv"), evaluation)
+
+    # Nothing changed: nothing runs.
+    assert _ran(_run(["dvc", "repro"], project)) == []
+    assert _status(project) == set()
+
+    # A parameter re-runs only the stages that read it (dvc status lists the changed stage).
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, key, value, stage in (("frontier", "recon_samples", 3, "frontier"),
+                                       ("evaluate", "iwae_k", 9, "evaluate"),
+                                       ("sweep", "betas", [0.3, 2.0], "sweep")):
+        changed = {**params, section: {**params[section], key: value}}
+        (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+        assert _status(project) == {stage}, (section, key)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _status(project) == set()
+
+    # A new beta through a DVC experiment: prepare is skipped, the rest re-runs.
+    _run(["git", "add", "dvc.lock"], project)
+    _run(["git", "commit", "-qm", "first run"], project)
+    log = _run(["dvc", "exp", "run", "-S", "sweep.betas=[0.3,2.0]"], project)
+    assert _ran(log) == ["sweep", "evaluate", "frontier"]
+    assert "Stage 'prepare' didn't change, skipping" in log
+    evaluation = pd.read_csv(project / "results/evaluation.csv")
+    assert sorted(evaluation["beta"].unique()) == [0.3, 2.0]
+    _check_frontier(pd.read_csv(project / "results/frontier.csv"), evaluation)
+
+
+def _check_frontier(frontier: pd.DataFrame, evaluation: pd.DataFrame) -> None:
+    """Only non-dominated points; per method rate rises while distortion falls."""
+    assert set(frontier["method"]) == set(evaluation["method"])
+    for method, front in frontier.groupby("method"):
+        points = evaluation[evaluation["method"] == method]
+        for _, p in front.iterrows():
+            dominated = (points["rate"] <= p["rate"]) & (points["distortion"] <= p["distortion"]) \
+                & ((points["rate"] < p["rate"]) | (points["distortion"] < p["distortion"]))
+            assert not dominated.any(), (method, p["trial_id"])
+        front = front.sort_values("rate")
+        assert np.all(np.diff(front["distortion"].to_numpy()) <= 0), method
