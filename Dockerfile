@@ -18,7 +18,6 @@ WORKDIR /workspace/echo-rd
 COPY . .
 # The base image's CUDA torch satisfies the torch requirement, so pip keeps it.
 RUN pip install -e ".[pipeline]" \
-    && dvc config core.analytics false \
     # DVC needs a Git repository and .git is not copied (.dockerignore): snapshot the tree.
     && git init -q && git add -A \
     && git -c user.name=echo-rd -c user.email=echo-rd@localhost commit -qm "image snapshot"
