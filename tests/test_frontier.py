@@ -83,3 +83,60 @@ def test_hull_matches_brute_force_chords(pts):
             dist[i] > dist[j] + (dist[k] - dist[j]) * (rate[i] - rate[j]) / (rate[k] - rate[j])
             for j in front for k in front if rate[j] < rate[i] < rate[k])
         assert hull[i] == (not above_a_chord)
+
+
+# ---- the frontier stage's tables (pipeline/frontier.py, pipeline/report.py) -------------------
+def _evaluation(rows):
+    import pandas as pd
+    from pipeline.evaluation import EVALUATION_COLUMNS
+    base = {"dataset": "binary_mnist", "arch": "conv", "latent_dim": 32, "lr": 3e-4,
+            "clip_factor": np.nan, "status": "completed", "error": "", "checkpoint": "",
+            "iwae_k": np.nan, "iwae_neg_log_lik": np.nan, "low_rate_limit": np.nan, "note": ""}
+    table = pd.DataFrame([{**base, **r} for r in rows])
+    table["neg_elbo"] = table["rate"] + table["distortion"]
+    return table[list(EVALUATION_COLUMNS)]
+
+
+EVALUATION_ROWS = [
+    dict(trial_id="e1", method="echo", beta=1.0, rate=20.0, distortion=70.0),
+    dict(trial_id="e2", method="echo", beta=0.5, rate=30.0, distortion=60.0),
+    dict(trial_id="e3", method="echo", beta=1.0, rate=26.0, distortion=62.0),   # best at beta 1
+    dict(trial_id="e4", method="echo", beta=2.0, rate=25.0, distortion=75.0),   # dominated by e1
+    dict(trial_id="v1", method="vae", beta=1.0, rate=25.0, distortion=68.0, iwae_k=100,
+         iwae_neg_log_lik=91.0),
+    dict(trial_id="v2", method="vae", beta=0.3, rate=40.0, distortion=66.0),    # above the chord
+    dict(trial_id="v3", method="vae", beta=0.1, rate=60.0, distortion=50.0),
+    dict(trial_id="v4", method="vae", beta=3.0, rate=np.nan, distortion=np.nan, status="nonfinite",
+         error="non-finite training loss at epoch 3"),
+]
+
+
+def test_frontier_table_per_method_with_hull_flags():
+    from pipeline.frontier import excluded, frontier_table
+    evaluation = _evaluation(EVALUATION_ROWS)
+    front = frontier_table(evaluation)
+    by_method = {m: g for m, g in front.groupby("method")}
+    # e4 (25, 75) is dominated by e1 (20, 70); frontier sorted by rate.
+    assert by_method["echo"]["trial_id"].tolist() == ["e1", "e3", "e2"]
+    assert by_method["vae"]["trial_id"].tolist() == ["v1", "v2", "v3"]
+    # v2 (40, 66) lies above the chord v1 (25, 68) - v3 (60, 50): on the frontier, off the hull.
+    assert by_method["vae"]["on_hull"].tolist() == [True, False, True]
+    assert excluded(evaluation)["trial_id"].tolist() == ["v4"]
+    assert set(front["series"]) == {"echo", "vae"}
+
+
+def test_table_2_puts_the_paper_beside_the_best_trial_at_beta_1():
+    from pipeline.evaluation import metrics_summary
+    from pipeline.frontier import frontier_table
+    from pipeline.report import report
+    evaluation = _evaluation(EVALUATION_ROWS)
+    text = report(evaluation, frontier_table(evaluation), "binary_mnist")
+    echo_row = next(line for line in text.splitlines() if line.startswith("| echo |"))
+    # e3 (-ELBO 88) beats e1 (90) at beta = 1; the paper's Echo: 26.8 / 61.9 / 88.7.
+    assert echo_row.split(" | ")[1:4] == ["26.0", "62.0", "88.0"]
+    assert "e3" in echo_row and echo_row.rstrip(" |").endswith("26.8 | 61.9 | 88.7")
+    assert "91.0 (100)" in next(line for line in text.splitlines() if line.startswith("| vae |"))
+    assert "`v4` (nonfinite): non-finite training loss at epoch 3" in text
+    assert metrics_summary(evaluation)["best_test_neg_elbo"]["echo"]["neg_elbo"] == 88.0
+    # No paper columns for a data set the paper did not use.
+    assert "paper R" not in report(evaluation, frontier_table(evaluation), "digits")
