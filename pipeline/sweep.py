@@ -280,19 +280,27 @@ def storage_uri(params: Params, root: Path) -> str:
 
 
 def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
-    """(uid, existed) of the experiment folder; refuses to resume different settings."""
+    """(uid, resumable) of the experiment folder `<storage_path>/<name>`.
+
+    The folder is resumed only if it was started with the same `settings` (`fingerprint`);
+    otherwise it is kept under `<name>@<its uid>` and a fresh experiment (new uid, hence a new
+    MLflow parent run) starts, so that `dvc repro` after a params change just works."""
     fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
                                               else Path(experiment).as_uri())
     state_path = f"{path}/{STATE_FILE}"
     if fs.get_file_info(state_path).type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(state_path) as fh:
             stored = json.loads(fh.read().decode())
-        if stored["settings"] != settings:
-            changed = sorted(k for k in settings if settings[k] != stored["settings"].get(k))
-            raise SweepError(
-                f"{experiment} holds a sweep started with other {'/'.join(changed)} params; "
-                f"choose a new sweep.name, or delete that folder to start this sweep afresh")
-        return stored["uid"], True
+        if stored["settings"] == settings:
+            return stored["uid"], True
+        changed = sorted(k for k in settings if settings[k] != stored["settings"].get(k))
+        archive = f"{path}@{stored['uid'][:8]}"
+        fs.move(path, archive)
+        print(f"note: {experiment} was started with other {'/'.join(changed)} params; kept it "
+              f"as {archive} and starting a new sweep", flush=True)
+    elif fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        raise SweepError(f"{experiment} exists but was not written by this sweep stage "
+                         f"(no {STATE_FILE}); choose another sweep.name or remove that folder")
     uid = uuid.uuid4().hex
     fs.create_dir(path)
     with fs.open_output_stream(state_path + ".tmp") as fh:
@@ -340,7 +348,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
     experiment = f"{storage}/{sweep.name}"
     started = connect_ray()
     try:
-        uid, existed = experiment_uid(experiment, fingerprint(params))
+        uid, resumable = experiment_uid(experiment, fingerprint(params))
         tracker = SweepTracker(
             resolve_tracking_uri(params.tracking.uri, root), params.tracking.experiment,
             sweep.name, uid, artifact_root=root / "mlartifacts",
@@ -354,7 +362,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
         all_callbacks = [tracker, statuses, *callbacks]
         trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
                                                       "gpu": sweep.resources.gpu})
-        if existed and tune.Tuner.can_restore(experiment):
+        if resumable and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
             # The run config (callbacks included) is restored from the pickled first run; use
             # this run's callbacks, with the tracker connected to the current store.

@@ -20,7 +20,7 @@ from ray import tune  # noqa: E402
 from echo.train import load_model  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.sweep import (CSV_COLUMNS, SweepError, SweepInterrupted, connect_ray,  # noqa: E402
-                            run_sweep)
+                            experiment_uid, fingerprint, run_sweep)
 from pipeline.sweep import EPOCH_METRICS  # noqa: E402
 from stages.sweep import main as stage_main  # noqa: E402
 
@@ -121,10 +121,17 @@ def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
         assert (config.method, config.beta, config.epochs) == (row.method, row.beta, 2)
     assert len(table) == 4
 
-    # The stored experiment belongs to these settings: other betas under the same name refuse.
-    changed = tiny_params("grid", betas=[0.5, 2.0])
-    with pytest.raises(SweepError, match="sweep"):
-        run_sweep(changed, tmp_path, verbose=0)
+
+def test_changed_settings_start_a_new_experiment_and_keep_the_old_one(tmp_path):
+    base = fingerprint(tiny_params("x"))
+    assert fingerprint(tiny_params("x", max_concurrent=1, resources={"cpu": 2})) == base
+    assert fingerprint(tiny_params("x", betas=[2.0])) != base
+    experiment = str(tmp_path / "ray_results" / "x")
+    uid, resumable = experiment_uid(experiment, base)
+    assert not resumable and experiment_uid(experiment, base) == (uid, True)
+    other, resumable = experiment_uid(experiment, fingerprint(tiny_params("x", betas=[2.0])))
+    assert not resumable and other != uid
+    assert (tmp_path / "ray_results" / f"x@{uid[:8]}" / "echo_sweep.json").exists()
 
 
 def test_interrupted_sweep_resumes_without_retraining_finished_trials(tmp_path):
