@@ -94,11 +94,14 @@ def echo_noise(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: b
     idx = _other_indices(batch, d_max, replace, f.device, generator)
     # Memory: a few [B, d_max, D] tensors at a time (see docs/performance.md). The in-place
     # steps are safe for autograd: cumsum and subtraction save nothing, exp saves its output.
-    log_s_echo = log_s[idx]              # [B, d_max, D]: log S(x^(1)), ..., log S(x^(d_max))
+    # index_select, not log_s[idx]: its backward (index_add) is deterministic on a multi-threaded
+    # CPU, advanced indexing's (index_put with accumulate) is not, and seeded runs must repeat.
+    flat = idx.reshape(-1)
+    log_s_echo = log_s.index_select(0, flat).view(batch, d_max, -1)  # log S(x^(1..d_max))
     # log prod_{k<l} S(x^(k)): inclusive cumsum minus the own term (an exclusive cumsum).
     weight = log_s_echo.cumsum(dim=1).sub_(log_s_echo).exp_()
     del log_s_echo
-    return (weight * f[idx]).sum(dim=1)  # f[idx]: f(x^(1)), ..., f(x^(d_max))
+    return (weight * f.index_select(0, flat).view(batch, d_max, -1)).sum(dim=1)
 
 
 def echo_sample(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: bool = False,

@@ -160,13 +160,20 @@ class _EagerFallback:
 def evaluate(model: Autoencoder, x: Tensor, batch_size: int, beta: float = 1.0) -> dict:
     """Mean rate, distortion and -ELBO (nats) over a data set, without gradients."""
     model.eval()
-    sums = torch.zeros(3, device=x.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
     for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
         out = model(x[idx], beta)
-        sums += torch.stack([out.rate.sum(), out.distortion.sum(),
-                             (out.rate + out.distortion).sum()])
+        sums += torch.stack([out.rate.sum(), out.distortion.sum()])
     model.train()
-    return dict(zip(METRIC_NAMES, (sums / len(x)).tolist()))
+    return _mean_metrics(sums, len(x))
+
+
+def _mean_metrics(sums: Tensor, count: int) -> dict:
+    """rate, distortion and -ELBO = rate + distortion from summed rates and distortions.
+    The sums are float64 and -ELBO is derived rather than summed a third time, so the
+    numbers do not depend on float32 reduction order."""
+    rate, distortion = (sums / count).tolist()
+    return {"rate": rate, "distortion": distortion, "neg_elbo": rate + distortion}
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -248,7 +255,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     progress = _progress(config, first_epoch)
     for epoch in range(first_epoch, config.epochs + 1):
         start = time.perf_counter()
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
         seen = 0
         for idx in batches(len(x_train), config.batch_size, shuffle=True, device=device):
             out = step_model(x_train[idx], config.beta)
@@ -256,17 +263,15 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
             out.loss.backward()
             optimizer.step()
             scheduler.step()
-            sums += torch.stack([out.rate.sum(), out.distortion.sum(),
-                                 (out.rate + out.distortion).sum()]).detach()
+            sums += torch.stack([out.rate.sum(), out.distortion.sum()]).detach()
             seen += len(idx)
-        train = (sums / seen).tolist()
-        if not all(math.isfinite(v) for v in train):
-            raise NonFiniteLossError(f"non-finite training loss at epoch {epoch} "
-                                     f"(rate, distortion, -ELBO = {train})")
+        train = _mean_metrics(sums, seen)
+        if not all(math.isfinite(v) for v in train.values()):
+            raise NonFiniteLossError(f"non-finite training loss at epoch {epoch} ({train})")
         test = evaluate(model, x_test, config.batch_size, config.beta)
         metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - start,
-                   **{f"train_{k}": v for k, v in zip(METRIC_NAMES, train)},
+                   **{f"train_{k}": v for k, v in train.items()},
                    **{f"test_{k}": v for k, v in test.items()}}
         history.append(metrics)
         progress(metrics)
