@@ -172,18 +172,26 @@ def train_trial(config: dict) -> None:
     cfg = train_config(config)
     every = config["checkpoint_every"]
     resume = None
-    checkpoint = tune.get_checkpoint()
+    checkpoint = newest_trial_checkpoint(tune.get_checkpoint())
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(Path(folder) / MODEL_FILE)
     done = {"epochs": int(resume["epoch"]) if resume else 0}
 
+    def epoch_report(metrics: dict) -> dict:
+        return {**metrics, "status": "running", "error": "",
+                # the trained objective D + beta R, a possible search metric
+                "train_loss": metrics["train_distortion"] + cfg.beta * metrics["train_rate"],
+                "test_loss": metrics["test_distortion"] + cfg.beta * metrics["test_rate"]}
+
+    if resume is not None and done["epochs"] >= cfg.epochs:
+        # Finished before the driver died: report the final epoch and its checkpoint again.
+        tune.report(epoch_report(resume["history"][-1]), checkpoint=checkpoint)
+        return
+
     def on_epoch(epoch: int, metrics: dict, state) -> None:
         done["epochs"] = epoch
-        report = {**metrics, "status": "running", "error": "",
-                  # the trained objective D + beta R, a possible search metric
-                  "train_loss": metrics["train_distortion"] + cfg.beta * metrics["train_rate"],
-                  "test_loss": metrics["test_distortion"] + cfg.beta * metrics["test_rate"]}
+        report = epoch_report(metrics)
         last = epoch == cfg.epochs
         if not (last or epoch % every == 0):
             tune.report(report)
@@ -200,8 +208,40 @@ def train_trial(config: dict) -> None:
     except NonFiniteLossError as err:
         # Deterministic divergence: retrying would diverge again, so end the trial (not crash
         # it) with the reason; the sweep goes on.
+        # Every metric name a search / scheduler may watch must be present (Tune checks).
         tune.report({"status": "nonfinite", "error": str(err), "epoch": done["epochs"],
-                     **{name: float("nan") for name in EPOCH_METRICS}})
+                     **{name: float("nan") for name in (*EPOCH_METRICS, "train_loss",
+                                                        "test_loss")}})
+
+
+def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | None:
+    """The newest intact checkpoint the trial persisted, at least as new as the one Tune gives.
+
+    Tune restores a trial from the last checkpoint in its experiment snapshot, which is written
+    at most every ~10 s: after a SIGKILLed driver it can lag behind the checkpoints the trial
+    had already written beside it (even its final one), and the trial would train those epochs
+    again. Sibling `checkpoint_*` folders of the given one are the trial's own checkpoints.
+    """
+    if given is None:
+        return None
+    parent = given.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = given.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return given
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_")), reverse=True)
+    for name in names:
+        candidate = tune.Checkpoint(f"{parent}/{name}", filesystem=given.filesystem)
+        if candidate.path == given.path:
+            return given
+        try:                              # a newer folder may be half-written: skip it then
+            with candidate.as_directory() as folder:
+                load_checkpoint(Path(folder) / MODEL_FILE)
+            return candidate
+        except (ValueError, OSError):
+            continue
+    return given
 
 
 def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path) -> None:
@@ -326,13 +366,17 @@ def connect_ray(num_cpus: int | None = None) -> bool:
 
 
 class _TrialStatus(tune.Callback):
-    """Collects every trial's Tune status at the end (also after an interruption)."""
+    """Collects every trial at the end (also after an interruption), restored ones included."""
 
     def __init__(self):
-        self.status: dict[str, str] = {}
+        self.trials: list = []
 
     def on_experiment_end(self, trials, **info):
-        self.status = {t.config["trial_id"]: t.status for t in trials}
+        self.trials = list(trials)
+
+    @property
+    def status(self) -> dict[str, str]:
+        return {t.config["trial_id"]: t.status for t in self.trials}
 
 
 def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
@@ -373,8 +417,10 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
                                    name=sweep.name, storage_path=storage, verbose=verbose,
                                    callbacks=all_callbacks,
                                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-        grid = tuner.fit()
+                                   # Tune snapshots its state whenever a trial has saved
+                                   # num_to_keep checkpoints: 4 keeps that rare.
+                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
+        tuner.fit()
         expected = len(grid_points(params)) * sweep.search.num_samples
         unfinished = [t for t, s in statuses.status.items() if s not in ("TERMINATED", "ERROR")]
         if unfinished or len(statuses.status) < expected:
@@ -383,7 +429,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
                 f"sweep {sweep.name!r} stopped with {expected - len(statuses.status) + len(unfinished)}"
                 f" of {expected} trials unfinished; run the stage again to resume it from "
                 f"{experiment}")
-        table = collect_results(grid, tracker, root)
+        table = collect_results(statuses.trials, tracker, root)
         tracker.finish_sweep("FINISHED")
         return table
     finally:
@@ -414,28 +460,29 @@ def _trial_id(trial) -> str:
     return trial.config["trial_id"]
 
 
-def collect_results(grid, tracker, root: Path):
-    """One row per trial; completed trials' final checkpoints copied to results/checkpoints."""
+def collect_results(trials, tracker, root: Path):
+    """One row per trial (Tune's `Trial`s); completed trials' final checkpoints copied to
+    results/checkpoints."""
     import pandas as pd
     staging = Path(tempfile.mkdtemp(prefix=".checkpoints-", dir=_ensure(root / "results")))
     rows = []
     try:
-        for result in grid:
-            config, metrics = result.config, result.metrics or {}
-            if result.error is not None:
-                status, error = "failed", _last_line(str(result.error))
+        for trial in trials:
+            config, metrics = trial.config, trial.last_result or {}
+            if trial.status == "ERROR":
+                status, error = "failed", trial_error_text(trial)
             elif metrics.get("status") == "nonfinite":
                 status, error = "nonfinite", metrics.get("error", "")
             else:
                 status, error = "completed", ""
             checkpoint = ""
-            if status == "completed" and result.checkpoint is not None:
-                with result.checkpoint.as_directory() as folder:
+            if status == "completed" and trial.checkpoint is not None:
+                with trial.checkpoint.as_directory() as folder:
                     shutil.copyfile(Path(folder) / MODEL_FILE, staging / f"{config['trial_id']}.pt")
                 checkpoint = (CHECKPOINT_DIR / f"{config['trial_id']}.pt").as_posix()
             # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
             tracker.finish_trial(config, status, error,
-                                 result.checkpoint if status == "completed" else None)
+                                 trial.checkpoint if status == "completed" else None)
             rows.append({
                 "trial_id": config["trial_id"], "method": config["method"],
                 "dataset": config["dataset"], "arch": config["arch"],
@@ -471,9 +518,12 @@ def _ensure(path: Path) -> Path:
     return path
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
+def trial_error_text(trial) -> str:
+    """The last line of a crashed trial's error (the exception), for MLflow and the CSV."""
+    error = trial.get_error()
+    text = str(error).strip() if error is not None else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "trial failed (no error recorded)"
 
 
 __all__ = ["CSV_COLUMNS", "GridOptunaSearch", "SweepError", "SweepInterrupted", "connect_ray",

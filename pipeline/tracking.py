@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pipeline.sweep import EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE
+from pipeline.sweep import EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, trial_error_text
 
 TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
                 "epochs", "batch_size")
@@ -53,6 +53,10 @@ class SweepTracker(tune.Callback):
         self.parent_id: str | None = None
         self._children: dict[str, str] = {}       # trial_id -> run id
         self._last_step: dict[str, int] = {}      # trial_id -> last epoch logged
+
+    def __getstate__(self):
+        # Tune pickles its callbacks with the experiment; a connection is not state.
+        return {**self.__dict__, "client": None, "_children": {}, "_last_step": {}}
 
     # -- runs ------------------------------------------------------------------------------
     def open(self) -> "SweepTracker":
@@ -174,14 +178,6 @@ class SweepTracker(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.finish_trial(trial.config, "failed", trial_error_text(trial))
-
-
-def trial_error_text(trial) -> str:
-    """The last line of a crashed trial's error (the exception), for tags and the CSV."""
-    error = trial.get_error() if hasattr(trial, "get_error") else None
-    text = str(error) if error is not None else "trial failed"
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
 
 
 def _param_text(value) -> str:

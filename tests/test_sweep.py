@@ -16,11 +16,12 @@ pytest.importorskip("optuna")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
 
 from echo.train import load_model  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.sweep import (CSV_COLUMNS, SweepError, SweepInterrupted, connect_ray,  # noqa: E402
-                            experiment_uid, fingerprint, run_sweep)
+                            experiment_uid, fingerprint, run_sweep, tune_config)
 from pipeline.sweep import EPOCH_METRICS  # noqa: E402
 from stages.sweep import main as stage_main  # noqa: E402
 
@@ -85,7 +86,9 @@ class InterruptAfterFirstTrial(EpochLog):
 
 
 def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
-    params = tiny_params("grid")
+    # Optuna picks lr (every trial) and the clipping factor (Echo trials) inside the ranges.
+    params = tiny_params("grid", search={"lr": {"low": 1e-3, "high": 1e-2},
+                                         "clip_factor": {"low": 0.4, "high": 0.7}})
     table = run_sweep(params, tmp_path, verbose=0)
 
     csv = pd.read_csv(tmp_path / "results/sweep.csv", keep_default_na=False)
@@ -93,8 +96,9 @@ def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
     assert sorted(csv.trial_id) == ["echo_b0.5_mlp_z4", "echo_b1_mlp_z4",
                                     "vae_b0.5_mlp_z4", "vae_b1_mlp_z4"]
     assert set(csv.status) == {"completed"} and set(csv.epochs_done) == {2}
+    assert csv.lr.between(1e-3, 1e-2).all() and csv.lr.nunique() == 4
     assert csv.loc[csv.method == "vae", "clip_factor"].eq("").all()
-    assert 0 < float(csv.loc[csv.method == "echo", "clip_factor"].iloc[0]) < 1
+    assert csv.loc[csv.method == "echo", "clip_factor"].astype(float).between(0.4, 0.7).all()
 
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.run_name == "grid"
@@ -109,6 +113,8 @@ def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
         assert float(child.data.tags["beta"]) == row.beta
         assert {k: child.data.params[k] for k in ("method", "arch", "latent_dim", "epochs")} == \
             {"method": row.method, "arch": "mlp", "latent_dim": "4", "epochs": "2"}
+        assert float(child.data.params["lr"]) == row.lr
+        assert child.data.params["clip_factor"] == (str(row.clip_factor) or "none")
         for name in EPOCH_METRICS:
             history = client.get_metric_history(child.info.run_id, name)
             assert sorted(m.step for m in history) == [1, 2], name
@@ -118,8 +124,35 @@ def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
             {"model.pt", "reconstructions.png"}
         # the copied final checkpoint is a model the next stage can load
         model, config = load_model(tmp_path / row.checkpoint)
-        assert (config.method, config.beta, config.epochs) == (row.method, row.beta, 2)
+        assert (config.method, config.beta, config.epochs, config.lr) == \
+            (row.method, row.beta, 2, row.lr)
+        if row.method == "echo":
+            assert model.channel.clip_factor == float(row.clip_factor)
     assert len(table) == 4
+
+
+def test_grid_search_covers_every_point_with_its_own_optuna_study(tmp_path):
+    params = tiny_params("search", search={"num_samples": 3, "lr": {"low": 1e-4, "high": 1e-2},
+                                           "clip_factor": {"low": 0.4, "high": 0.7}})
+    searcher = tune_config(params, tmp_path).search_alg
+    configs = []
+    for i in range(6):
+        config = searcher.suggest(f"t{i}")
+        configs.append(config)
+        searcher.on_trial_complete(f"t{i}", {"status": "running", "test_neg_elbo": 50.0 - i})
+    checkpoint = tmp_path / "searcher.pkl"
+    searcher.save(str(checkpoint))                    # what Tune stores for a resume
+    restored = tune_config(params, tmp_path).search_alg
+    restored.restore(str(checkpoint))
+    configs += [restored.suggest(f"t{i}") for i in range(6, 12)]
+    assert restored.suggest("t12") == Searcher.FINISHED
+    names = [c["trial_id"] for c in configs]
+    assert len(set(names)) == 12 and names[:4] == ["echo_b0.5_mlp_z4_s0", "echo_b1_mlp_z4_s0",
+                                                   "vae_b0.5_mlp_z4_s0", "vae_b1_mlp_z4_s0"]
+    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
+    assert all(0.4 <= c["clip_factor"] <= 0.7 for c in configs if c["method"] == "echo")
+    assert all(c["clip_factor"] is None for c in configs if c["method"] == "vae")
+    assert len({c["lr"] for c in configs}) == 12
 
 
 def test_changed_settings_start_a_new_experiment_and_keep_the_old_one(tmp_path):
@@ -161,6 +194,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(tmp_path):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_neg_elbo")]
         assert sorted(steps) == [1, 2, 3]
     assert set(csv.mlflow_run_id) == {c.info.run_id for c in children}
+    assert all((tmp_path / path).is_file() for path in csv.checkpoint)
 
 
 def test_a_diverging_trial_is_marked_nonfinite_and_the_others_complete(tmp_path):
