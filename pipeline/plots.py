@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")           # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -33,12 +34,10 @@ def _save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _iso_elbo_levels(total: np.ndarray, count: int = 5) -> np.ndarray:
-    """A few round values of R + D spanning the plotted points."""
+def _iso_elbo_levels(total: np.ndarray) -> np.ndarray:
+    """A few round values of R + D from the best -ELBO up to well past the plotted points."""
     low, high = float(np.min(total)), float(np.max(total))
-    if high - low < 1e-9:
-        high = low + 1.0
-    return np.unique(np.round(np.linspace(low, high + 0.5 * (high - low), count), 1))
+    return MaxNLocator(nbins=5).tick_values(low, high + 0.5 * max(high - low, 1.0))
 
 
 def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path, *,
