@@ -12,6 +12,15 @@ from echo.flows import MADE, PAPER_HIDDEN, PAPER_STEPS, AutoregressiveFlow, Auto
 from echo.marginals import MAFMarginal
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two contending threads are slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def randomise(module: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
     """Random weights everywhere (flows start at the identity, which would make tests vacuous).
     Masks are buffers, so autoregressive structure is kept."""
