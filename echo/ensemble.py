@@ -47,14 +47,34 @@ class EnsembleOutput:
     z: Tensor             # [K, B, D] codes
 
 
-class Ensemble(nn.Module):
-    """K autoencoders of one method and architecture with stacked parameters, run by vmap."""
+STRATEGIES = ("auto", "vmap", "loop")
 
-    def __init__(self, models: Sequence[Autoencoder], betas: Sequence[float]):
+
+def _member_step(template: nn.Module, params: dict, buffers: dict, x: Tensor, beta: Tensor):
+    out = functional_call(template, (params, buffers), (x, beta))
+    return out.loss, out.rate, out.distortion, out.z
+
+
+class Ensemble(nn.Module):
+    """K autoencoders of one method and architecture with stacked parameters.
+
+    strategy: "vmap" runs the K members as one batched computation (`vmap`, which turns the
+    convolutions into grouped ones): the point on a GPU, where one small model leaves the chip
+    idle. "loop" runs the members one after the other on their slices of the stacked
+    parameters: on a CPU, already busy with one model, grouped convolutions are slower than
+    K plain ones (docs/performance.md). "auto": vmap on CUDA, loop elsewhere. Both give each
+    member its own noise and the same per-member computation.
+    compile: `torch.compile` the vmapped step on CUDA (eager elsewhere or if it fails).
+    """
+
+    def __init__(self, models: Sequence[Autoencoder], betas: Sequence[float], *,
+                 strategy: str = "auto", compile: bool = False):
         super().__init__()
         if len(models) < 1 or len(models) != len(betas):
             raise ValueError(f"an ensemble needs one beta per model, got {len(models)} models "
                              f"and {len(betas)} betas")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         shapes = [[(n, p.shape) for n, p in m.named_parameters()] for m in models]
         if any(s != shapes[0] for s in shapes):
             raise ValueError("ensemble members must share one architecture (same method, arch, "
@@ -64,6 +84,8 @@ class Ensemble(nn.Module):
                 raise ValueError(f"beta must be a finite number >= 0, got {b!r}")
         params, buffers = stack_module_state(list(models))
         self.k = len(models)
+        self.strategy = strategy
+        self.compile = compile
         self.param_names = list(params)
         self.buffer_names = list(buffers)
         # Stacked leaves [K, ...]; a ParameterList because parameter names may not hold dots.
@@ -74,16 +96,16 @@ class Ensemble(nn.Module):
         self.register_buffer("betas", torch.tensor([float(b) for b in betas]))
         # A stateless template (its own tensors are never used: functional_call swaps them in).
         # Kept out of the module tree so that .parameters(), .to() and state_dict skip it.
-        template = copy.deepcopy(models[0]).to("meta")
-        object.__setattr__(self, "_template", template)
-        # Keep member structure (non-tensor settings such as Echo's clip factor) for unstacking.
+        object.__setattr__(self, "_template", copy.deepcopy(models[0]).to("meta"))
+        # The member structure (non-tensor settings such as Echo's clip factor) for unstacking.
         object.__setattr__(self, "_member_template", copy.deepcopy(models[0]).cpu())
-        self._vmapped = {}
+        self._vmapped: dict[bool, Callable] = {}
 
     @classmethod
     def build(cls, method: str, betas: Sequence[float], *, seeds: Sequence[int] | int = 0,
               arch: str = "conv", latent_dim: int = 32, input_shape=(1, 28, 28),
-              device="cpu", compile: bool = False, **options) -> "Ensemble":
+              device="cpu", strategy: str = "auto", compile: bool = False,
+              **options) -> "Ensemble":
         """K members of `method`, member k initialised from `torch.manual_seed(seeds[k])`."""
         from .methods import build_model
         seeds = [seeds] * len(betas) if isinstance(seeds, int) else list(seeds)
@@ -94,38 +116,44 @@ class Ensemble(nn.Module):
             torch.manual_seed(seed)
             models.append(build_model(method, arch=arch, latent_dim=latent_dim,
                                       input_shape=input_shape, **options))
-        ensemble = cls(models, betas).to(device)
-        ensemble.compile_enabled = compile
-        return ensemble
-
-    compile_enabled = False
+        return cls(models, betas, strategy=strategy, compile=compile).to(device)
 
     def train(self, mode: bool = True) -> "Ensemble":
         super().train(mode)
         self._template.train(mode)          # functional_call runs the template's modules
         return self
 
+    def resolved_strategy(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "vmap" if self.betas.device.type == "cuda" else "loop"
+
     def _state(self) -> tuple[dict, dict]:
         params = dict(zip(self.param_names, self.stacked))
         buffers = {n: getattr(self, f"stacked_buffer_{i}") for i, n in enumerate(self.buffer_names)}
         return params, buffers
 
-    def _member_fn(self, batched_x: bool) -> Callable:
+    def _vmapped_fn(self, batched_x: bool) -> Callable:
         """vmap over members of (params, buffers, x, beta) -> (loss, rate, distortion, z)."""
         if batched_x not in self._vmapped:
             template = self._template
 
             def member(params, buffers, x, beta):
-                out = functional_call(template, (params, buffers), (x, beta))
-                return out.loss, out.rate, out.distortion, out.z
+                return _member_step(template, params, buffers, x, beta)
 
             fn = vmap(member, in_dims=(0, 0, 0 if batched_x else None, 0),
                       randomness="different")
-            if self.compile_enabled:
+            if self.compile:
                 from .train import compile_model
                 fn = compile_model(fn, self.betas.device)
             self._vmapped[batched_x] = fn
         return self._vmapped[batched_x]
+
+    def _looped(self, params: dict, buffers: dict, x: Tensor, batched_x: bool):
+        outs = [_member_step(self._template, {n: t[k] for n, t in params.items()},
+                             {n: t[k] for n, t in buffers.items()}, x[k] if batched_x else x,
+                             self.betas[k]) for k in range(self.k)]
+        return tuple(torch.stack(parts) for parts in zip(*outs))
 
     def forward(self, x: Tensor, *, shared: bool = False) -> EnsembleOutput:
         """x: [K, B, ...], one batch per member; or, with shared=True, one batch [B, ...] that
@@ -134,7 +162,11 @@ class Ensemble(nn.Module):
             raise ValueError(f"expected one batch per member, x of shape [{self.k}, B, ...], got "
                              f"{tuple(x.shape)}; pass shared=True to give all members one batch")
         params, buffers = self._state()
-        loss, rate, distortion, z = self._member_fn(not shared)(params, buffers, x, self.betas)
+        if self.resolved_strategy() == "vmap":
+            loss, rate, distortion, z = self._vmapped_fn(not shared)(params, buffers, x,
+                                                                     self.betas)
+        else:
+            loss, rate, distortion, z = self._looped(params, buffers, x, not shared)
         return EnsembleOutput(loss=loss.sum(), member_loss=loss, rate=rate, distortion=distortion,
                               z=z)
 
@@ -198,7 +230,7 @@ def member_configs(config: TrainConfig, betas: Sequence[float] | None,
 
 
 def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
-                 seeds: Sequence[int] | None = None,
+                 seeds: Sequence[int] | None = None, strategy: str = "auto",
                  on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
     """Train K members (one per beta and/or seed) as one ensemble; one `FitResult` per member,
     in the order given. Member k stands for `fit(replace(config, beta=betas[k], seed=seeds[k]))`.
@@ -218,8 +250,8 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
     for member_config in configs:
         torch.manual_seed(member_config.seed)   # the initial weights of the separate run
         models.append(make_model(member_config, input_shape))
-    ensemble = Ensemble(models, [c.beta for c in configs]).to(device)
-    ensemble.compile_enabled = bool(getattr(config, "compile", False))
+    ensemble = Ensemble(models, [c.beta for c in configs], strategy=strategy,
+                        compile=config.compile).to(device)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=config.lr)
     sizes = [len(i) for i in batches(len(x_train), config.batch_size, shuffle=False)]
     total_steps = config.epochs * len(sizes)
