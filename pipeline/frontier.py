@@ -29,6 +29,12 @@ def excluded(evaluation: pd.DataFrame) -> pd.DataFrame:
     return evaluation.drop(completed(evaluation).index)
 
 
+def exclusion_reason(trial: pd.Series) -> str:
+    """Why an excluded trial is not on any frontier: the sweep's error, else its metrics."""
+    error = trial["error"]
+    return error if isinstance(error, str) and error else "non-finite test metrics"
+
+
 def series_labels(table: pd.DataFrame) -> pd.Series:
     """The method name, with arch and latent size appended only when the sweep varies them."""
     label = table["method"].astype(str)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from echo.train import _atomic_write
 from pipeline.evaluation import TABLE_BETA, best_at_beta
-from pipeline.frontier import excluded
+from pipeline.frontier import excluded, exclusion_reason
 
 # Brekelmans et al. 2019, Table 2: test (R, D, -ELBO) in nats per data set and method.
 PAPER_TABLE_2: dict[str, dict[str, tuple[float, float, float]]] = {
@@ -90,9 +90,7 @@ def report(evaluation: pd.DataFrame, frontier: pd.DataFrame, dataset: str) -> st
         parts.append("None: every trial completed with finite test metrics.")
     else:
         for _, row in left_out.iterrows():
-            reason = str(row["error"]) if isinstance(row["error"], str) and row["error"] else \
-                "non-finite test metrics"
-            parts.append(f"- `{row['trial_id']}` ({row['status']}): {reason}")
+            parts.append(f"- `{row['trial_id']}` ({row['status']}): {exclusion_reason(row)}")
     return "\n".join(parts) + "\n"
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from echo.data import DataError, load_prepared
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
 from pipeline.evaluation import EvaluationError, write_csv
-from pipeline.frontier import excluded, frontier_table
+from pipeline.frontier import excluded, exclusion_reason, frontier_table
 from pipeline.plots import rd_curves, reconstructions
 from pipeline.report import report, write_report
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     for _, row in excluded(evaluation).iterrows():
-        print(f"excluded {row['trial_id']} ({row['status']}): {row['error']}", file=sys.stderr)
+        print(f"excluded {row['trial_id']} ({row['status']}): {exclusion_reason(row)}",
+              file=sys.stderr)
     frontier = frontier_table(evaluation)
     write_csv(frontier, FRONTIER_CSV)
     dataset = params.data.dataset
