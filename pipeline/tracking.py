@@ -41,7 +41,8 @@ class SweepTracker(tune.Callback):
     """Ray Tune callback that mirrors a sweep into MLflow from the driver."""
 
     def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_uid: str, *,
-                 artifact_root: Path, parent_params: dict | None = None):
+                 artifact_root: Path, parent_params: dict | None = None,
+                 flush_seconds: float = 10.0):
         self.uri = uri
         self.experiment = experiment
         self.sweep_name = sweep_name
@@ -53,10 +54,14 @@ class SweepTracker(tune.Callback):
         self.parent_id: str | None = None
         self._children: dict[str, str] = {}       # trial_id -> run id
         self._last_step: dict[str, int] = {}      # trial_id -> last epoch logged
+        self._pending: dict[str, list[Metric]] = {}   # trial_id -> metrics not yet written
+        self._flushed: dict[str, float] = {}      # trial_id -> time.monotonic() of last write
+        self.flush_seconds = flush_seconds
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; a connection is not state.
-        return {**self.__dict__, "client": None, "_children": {}, "_last_step": {}}
+        return {**self.__dict__, "client": None, "_children": {}, "_last_step": {},
+                "_pending": {}, "_flushed": {}}
 
     # -- runs ------------------------------------------------------------------------------
     def open(self) -> "SweepTracker":
@@ -131,15 +136,30 @@ class SweepTracker(tune.Callback):
         if epoch <= self._last_step.get(trial_id, 0):
             return                       # re-run after a restore from an earlier checkpoint
         now_ms = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now_ms, epoch)
-                   for k in EPOCH_METRICS if k in result and math.isfinite(result[k])]
-        self.client.log_batch(run_id, metrics=metrics)
+        pending = self._pending.setdefault(trial_id, [])
+        pending += [Metric(k, float(result[k]), now_ms, epoch)
+                    for k in EPOCH_METRICS if k in result and math.isfinite(result[k])]
         self._last_step[trial_id] = epoch
+        # Written at every checkpoint (so whatever a resumed trial does not re-run is in the
+        # store) and every few seconds (a live UI), not per epoch: the driver shares the
+        # machine with the trials.
+        if result.get("checkpoint_dir_name") or \
+                time.monotonic() - self._flushed.get(trial_id, 0.0) > self.flush_seconds:
+            self.flush(trial_id)
+
+    def flush(self, trial_id: str | None = None) -> None:
+        """Write buffered epoch metrics (of one trial, or of all)."""
+        for key in [trial_id] if trial_id is not None else list(self._pending):
+            pending = self._pending.pop(key, [])
+            for start in range(0, len(pending), 1000):      # MLflow's batch limit
+                self.client.log_batch(self._children[key], metrics=pending[start:start + 1000])
+            self._flushed[key] = time.monotonic()
 
     def finish_trial(self, config: dict, status: str, error: str = "",
                      checkpoint: tune.Checkpoint | None = None) -> None:
         """Status tags and artifacts (final checkpoint, reconstruction grid); idempotent."""
         run_id = self.child_run(config)
+        self.flush(config["trial_id"])
         run = self.client.get_run(run_id)
         if run.data.tags.get("status") == status and run.info.status != "RUNNING":
             return
@@ -178,6 +198,12 @@ class SweepTracker(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.finish_trial(trial.config, "failed", trial_error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.flush(trial.config["trial_id"])
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
 
 
 def _param_text(value) -> str:
