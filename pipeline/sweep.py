@@ -171,8 +171,9 @@ def train_trial(config: dict) -> None:
     """One trial: fit with per-epoch reports and Tune checkpoints, resuming when Tune restarts it."""
     cfg = train_config(config)
     every = config["checkpoint_every"]
+    given = tune.get_checkpoint()
+    checkpoint = newest_trial_checkpoint(given)
     resume = None
-    checkpoint = newest_trial_checkpoint(tune.get_checkpoint())
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(Path(folder) / MODEL_FILE)
@@ -184,10 +185,20 @@ def train_trial(config: dict) -> None:
                 "train_loss": metrics["train_distortion"] + cfg.beta * metrics["train_rate"],
                 "test_loss": metrics["test_distortion"] + cfg.beta * metrics["test_rate"]}
 
-    if resume is not None and done["epochs"] >= cfg.epochs:
-        # Finished before the driver died: report the final epoch and its checkpoint again.
-        tune.report(epoch_report(resume["history"][-1]), checkpoint=checkpoint)
-        return
+    known = _checkpoint_epoch(given)
+    if done["epochs"] > known:
+        # Tune's snapshot lagged behind this trial (its driver was killed): replay the epochs
+        # it lost, so that Tune's iteration count and the tracked per-epoch metrics stay
+        # complete, then go on from there (a finished trial trains nothing). The checkpoint is
+        # reported from a copy: Tune may persist it into the very folder it came from.
+        lost = resume["history"][known:]
+        for metrics in lost[:-1]:
+            tune.report(epoch_report(metrics))
+        with tempfile.TemporaryDirectory() as folder:
+            tune.report(epoch_report(lost[-1]),
+                        checkpoint=tune.Checkpoint.from_directory(checkpoint.to_directory(folder)))
+        if done["epochs"] >= cfg.epochs:
+            return
 
     def on_epoch(epoch: int, metrics: dict, state) -> None:
         done["epochs"] = epoch
@@ -214,34 +225,47 @@ def train_trial(config: dict) -> None:
                                                         "test_loss")}})
 
 
-def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | None:
-    """The newest intact checkpoint the trial persisted, at least as new as the one Tune gives.
+def _checkpoint_epoch(checkpoint: tune.Checkpoint | None) -> int:
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        return int(load_checkpoint(Path(folder) / MODEL_FILE)["epoch"])
 
-    Tune restores a trial from the last checkpoint in its experiment snapshot, which is written
-    at most every ~10 s: after a SIGKILLed driver it can lag behind the checkpoints the trial
-    had already written beside it (even its final one), and the trial would train those epochs
-    again. Sibling `checkpoint_*` folders of the given one are the trial's own checkpoints.
+
+def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | None:
+    """The newest intact checkpoint this trial persisted; `given` (Tune's) if none is newer.
+
+    Tune restores a trial from the last checkpoint in its experiment snapshot, which is
+    throttled: after a SIGKILLed driver it can lag behind the checkpoints the trial had already
+    written to its folder (even its final one), or hold none, and the trial would train those
+    epochs again. The trial's own `checkpoint_*` folders in storage say how far it really got.
     """
-    if given is None:
-        return None
-    parent = given.path.rstrip("/").rsplit("/", 1)[0]
     try:
-        infos = given.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+        storage = tune.get_context().get_storage()     # DeveloperAPI: the trial's folder
+        fs, folder = storage.storage_filesystem, storage.trial_fs_path
+    except Exception:  # noqa: BLE001 - outside a Tune session or an older Ray: the given one
+        if given is None:
+            return None
+        fs, folder = given.filesystem, given.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     except OSError:
         return given
-    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_")), reverse=True)
+    names = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+             and i.base_name.startswith("checkpoint_")]
+    # By epoch, not by name: after a restore Tune numbers new folders from its snapshot, so a
+    # higher-numbered stale folder can hold an earlier epoch. Half-written folders fail to load.
+    best, best_epoch = given, -1
     for name in names:
-        candidate = tune.Checkpoint(f"{parent}/{name}", filesystem=given.filesystem)
-        if candidate.path == given.path:
-            return given
-        try:                              # a newer folder may be half-written: skip it then
-            with candidate.as_directory() as folder:
-                load_checkpoint(Path(folder) / MODEL_FILE)
-            return candidate
-        except (ValueError, OSError):
+        candidate = tune.Checkpoint(f"{folder}/{name}", filesystem=fs)
+        try:
+            with candidate.as_directory() as local:
+                epoch = int(load_checkpoint(Path(local) / MODEL_FILE)["epoch"])
+        except (ValueError, OSError, KeyError):
             continue
-    return given
+        if epoch > best_epoch:
+            best, best_epoch = candidate, epoch
+    return best
 
 
 def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path) -> None:

@@ -41,7 +41,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from echo.train import fit
+from echo.train import fit, load_checkpoint
 from pipeline.config import load_params
 from pipeline.sweep import run_sweep, train_config
 
@@ -305,6 +305,18 @@ def finished_trials(db: Path) -> set[str]:
         return set()
 
 
+def newest_history(trial_dir: Path) -> list[dict]:
+    """The per-epoch metrics (wall-clock `epoch_seconds` included) in the newest intact
+    checkpoint a trial wrote. Workers write checkpoints straight to storage, so unlike Tune's
+    buffered result.json they survive a SIGKILLed driver."""
+    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+        try:
+            return load_checkpoint(folder / "model.pt")["history"]
+        except ValueError:
+            continue
+    return []
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
     betas = [0.25, 0.5, 1.0, 2.0]
@@ -334,7 +346,8 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
     assert not (tmp_path / "results/sweep.csv").exists()            # no partial table
     assert not list((tmp_path / "results").glob("*.tmp")) if (tmp_path / "results").exists() else True
     trial_dir = tmp_path / "ray_results" / "driver"
-    results_before = {t: (trial_dir / t / "result.json").read_bytes() for t in done_before}
+    history_before = {t: newest_history(trial_dir / t) for t in done_before}
+    assert all(len(h) == 3 for h in history_before.values()), history_before
 
     again = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
                            timeout=400)
@@ -343,8 +356,11 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
     table = pd.read_csv(tmp_path / "results/sweep.csv")
     assert set(table["trial_id"]) == trials
     assert set(table["status"]) == {"completed"} and set(table["epochs_done"]) == {3}
-    for trial in done_before:                                       # not trained again
-        assert (trial_dir / trial / "result.json").read_bytes() == results_before[trial], trial
+    for trial in done_before:
+        # Not trained again: the kept model's per-epoch record, wall-clock seconds included, is
+        # the one written before the kill (an epoch trained again would have another time).
+        final = load_checkpoint(tmp_path / table.set_index("trial_id").loc[trial, "checkpoint"])
+        assert final["history"] == history_before[trial], trial
     client, parents, children = mlflow_runs(tmp_path, "driver")
     assert len(parents) == 1
     ids = [c.data.tags["trial_id"] for c in children]
