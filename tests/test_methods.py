@@ -221,3 +221,22 @@ def test_cli_trains_every_method(method, capsys):
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isfinite(metrics["test_neg_elbo"]) and metrics["epoch"] == 1
+
+
+def test_vamp_prior_shares_the_encoder_and_survives_a_checkpoint(tmp_path):
+    """The VampPrior holds the model's own encoder (not a copy): a checkpoint written by `fit`
+    reloads to the same model, with the prior still tied to the encoder."""
+    from echo.train import load_model
+    config = TrainConfig(method="iaf-vamp", dataset="digits", arch="mlp", epochs=1, batch_size=50,
+                         train_limit=100, test_limit=50, device="cpu", progress=False,
+                         out=str(tmp_path), method_options={"n_pseudo": 5, "flow_hidden": 16})
+    trained = fit(config).model.eval()
+    assert trained.marginal.encoder is trained.encoder
+    model, _ = load_model(tmp_path / "checkpoint.pt")
+    model.eval()
+    assert model.marginal.encoder is model.encoder and model.marginal.posterior is model.channel
+    x = torch.rand(6, 1, 8, 8)
+    torch.manual_seed(0)
+    expected = trained.iwae_bound(x, k=5)
+    torch.manual_seed(0)
+    assert torch.allclose(model.iwae_bound(x, k=5), expected)
