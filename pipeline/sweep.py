@@ -18,6 +18,7 @@ Design (docs/sweep.md explains it at length):
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -312,11 +313,22 @@ def trial_base(params: Params, root: Path) -> dict:
     }
 
 
-def fingerprint(params: Params) -> dict:
+def fingerprint(params: Params, root: Path | None = None) -> dict:
     """The settings that decide what a sweep's trials are: a stored experiment is resumed
-    only if these match."""
-    return {"data": {"dataset": params.data.dataset},
-            "train": params.train.model_dump(),
+    only if these match. With `root`, the prepared data file's content counts too (DVC re-runs
+    the sweep when the prepare stage wrote new data under unchanged params)."""
+    data_sha256 = None
+    prepared = (root / params.data.prepared_path) if root is not None else None
+    if prepared is not None and prepared.exists():
+        digest = hashlib.sha256()
+        with open(prepared, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        data_sha256 = digest.hexdigest()
+    # download / check_sizes cannot change the data; every other data field can.
+    data = params.data.model_dump(exclude={"download", "check_sizes"})
+    return {"data": {**data, "prepared_sha256": data_sha256},
+            "train": params.train.model_dump(exclude={"device"}),
             "sweep": params.sweep.model_dump(include={
                 "methods", "betas", "archs", "latent_dims", "search", "asha",
                 "train_limit", "test_limit"})}
@@ -416,7 +428,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
     experiment = f"{storage}/{sweep.name}"
     started = connect_ray()
     try:
-        uid, resumable = experiment_uid(experiment, fingerprint(params))
+        uid, resumable = experiment_uid(experiment, fingerprint(params, root))
         tracker = SweepTracker(
             resolve_tracking_uri(params.tracking.uri, root), params.tracking.experiment,
             sweep.name, uid, artifact_root=root / "mlartifacts",

@@ -159,6 +159,12 @@ def test_changed_settings_start_a_new_experiment_and_keep_the_old_one(tmp_path):
     base = fingerprint(tiny_params("x"))
     assert fingerprint(tiny_params("x", max_concurrent=1, resources={"cpu": 2})) == base
     assert fingerprint(tiny_params("x", betas=[2.0])) != base
+    prepared = tmp_path / "data/prepared/digits.npz"      # new data from the prepare stage
+    prepared.parent.mkdir(parents=True)
+    prepared.write_bytes(b"first version")
+    first = fingerprint(tiny_params("x"), tmp_path)
+    prepared.write_bytes(b"second version")
+    assert first != fingerprint(tiny_params("x"), tmp_path) != base
     experiment = str(tmp_path / "ray_results" / "x")
     uid, resumable = experiment_uid(experiment, base)
     assert not resumable and experiment_uid(experiment, base) == (uid, True)
