@@ -370,3 +370,114 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
         assert sorted(steps) == [1, 2, 3], (child.data.tags["trial_id"], steps)
         assert child.info.status == "FINISHED"
     assert set(table["mlflow_run_id"]) == {c.info.run_id for c in children}
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) a worker node of a two-node cluster is lost mid-sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "ray start exited early"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"Ray head did not listen on {port}")
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head and one worker node on 127.0.0.1 (one CPU each), each `ray start --block` in its
+    own session and temp dir; stopped by PID afterwards (never `ray stop`)."""
+    base = Path(tempfile.mkdtemp(prefix="rh8-", dir="/tmp"))      # short: socket path limits
+    port = free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # Node death is noticed within ~1.5 s instead of the default ~30 s.
+    # Ray reads RAY_AUTH_MODE once, when this test process imports it (token auth off unless
+    # set): the nodes must match that, or this driver cannot join them.
+    env = child_env(RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
+                    RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0",
+                    RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
+    logs = open(base / "ray-start.log", "w")
+    nodes = {}
+    try:
+        nodes["head"] = subprocess.Popen(
+            [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={base}/h",
+             "--include-dashboard=false", *common], env=env, start_new_session=True,
+            stdout=logs, stderr=subprocess.STDOUT)
+        wait_for_port(port, nodes["head"])
+        nodes["worker"] = subprocess.Popen(
+            [ray_cli, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={base}/w", *common],
+            env=env, start_new_session=True, stdout=logs, stderr=subprocess.STDOUT)
+        yield {"address": f"127.0.0.1:{port}", **nodes}
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        mine = [p for node in nodes.values() for p in tree(node.pid)]
+        # Processes that left the trees (daemonised) still name our temp dir on their line.
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error, TypeError):
+                if str(base) in " ".join(proc.info["cmdline"] or ()):
+                    mine.append(proc)
+        kill_tree(mine)
+        logs.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class KillNodeOfFirstTrial(Recorder):
+    """Once a trial running on the worker node has a checkpoint, SIGKILL every process of that
+    node (its `ray start`, raylet, object store, workers): the machine is gone."""
+
+    def __init__(self, node_pid: int):
+        super().__init__()
+        self.node_pid = node_pid               # not the Popen: Tune pickles its callbacks
+        self.victim: str | None = None
+        self.node_pids: set[int] = set()
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        trial_id = trial.config["trial_id"]
+        processes = tree(self.node_pid)
+        pids = {p.pid for p in processes}
+        if self.victim is None and self.last.get(trial_id, {}).get("pid") in pids:
+            self.victim, self.node_pids = trial_id, pids
+            kill_tree(processes)
+
+
+@pytest.mark.slow
+def test_lost_worker_node_trials_are_rescheduled_and_the_sweep_completes(two_node_cluster,
+                                                                         tmp_path, monkeypatch):
+    address = two_node_cluster["address"]
+    monkeypatch.setenv("RAY_ADDRESS", address)      # the sweep joins the cluster, as on AWS
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    deadline = time.monotonic() + 120
+    while sum(n["Alive"] for n in ray.nodes()) < 2:
+        assert time.monotonic() < deadline, "the worker node did not join"
+        time.sleep(0.3)
+
+    write_params(tmp_path, "lostnode", methods=["vae"], betas=[0.5, 1.0], max_concurrent=2)
+    killer = KillNodeOfFirstTrial(two_node_cluster["worker"].pid)
+    table = run_sweep(load_params(tmp_path / "params.yaml"), tmp_path, callbacks=(killer,),
+                      verbose=0).set_index("trial_id")
+
+    assert killer.victim is not None, "no trial ran on the worker node"
+    assert killer.recovered == [killer.victim]
+    assert sum(n["Alive"] for n in ray.nodes()) == 1                 # the node is gone
+    restart = next(i for i, r in enumerate(killer.results)
+                   if r["trial"] == killer.victim and r["pid"] not in killer.node_pids)
+    after = [r for r in killer.results[restart:] if r["trial"] == killer.victim]
+    head_pids = {p.pid for p in tree(two_node_cluster["head"].pid)}
+    assert {r["pid"] for r in after} <= head_pids                    # rescheduled on the head
+    assert after[0]["epoch"] == 2                                    # from its checkpoint
+    assert set(table["status"]) == {"completed"} and set(table["epochs_done"]) == {3}
+    expected = reference_metrics(killer.configs[killer.victim])
+    assert {k: table.loc[killer.victim, k] for k in METRICS} == {k: expected[k] for k in METRICS}
