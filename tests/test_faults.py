@@ -56,8 +56,8 @@ SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "ECHO_API_TO
 # ---------------------------------------------------------------------------------------------
 
 
-def write_params(root: Path, name: str, *, methods, betas, epochs=3, max_concurrent=2,
-                 train_limit=300) -> Path:
+def write_params(root: Path, name: str, *, db: Path, methods, betas, epochs=3,
+                 max_concurrent=2, train_limit=300) -> Path:
     raw = {
         "data": {"dataset": "digits"},
         "train": {"epochs": epochs, "batch_size": 50, "lr": 3e-3, "seed": 0, "device": "cpu"},
@@ -65,7 +65,7 @@ def write_params(root: Path, name: str, *, methods, betas, epochs=3, max_concurr
                   "latent_dims": [4], "train_limit": train_limit, "test_limit": 100,
                   "max_concurrent": max_concurrent, "max_failures": 2, "checkpoint_every": 1,
                   "resources": {"cpu": 1}},
-        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": name},
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": name},
         "evaluate": {"iwae_k": 4, "batch_size": 50, "test_limit": 100},
         "frontier": {"recon_samples": 2},
     }
@@ -79,8 +79,17 @@ def child_env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def mlflow_runs(root: Path, experiment: str):
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> Path:
+    """One SQLite store for the module, its schema created once (that alone takes seconds);
+    each test has its own experiment in it."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def mlflow_runs(db: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{db}")
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("echo.role") == "sweep"]
@@ -118,7 +127,7 @@ class Recorder(tune.Callback):
         self.configs[trial.config["trial_id"]] = dict(trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        entry = {"trial": trial.config["trial_id"], "epoch": result.get("epoch"),
+        entry = {"t": time.monotonic(), "trial": trial.config["trial_id"], "epoch": result.get("epoch"),
                  "pid": result.get("pid"), "status": result.get("status"),
                  "since_restore": result.get("iterations_since_restore")}
         self.results.append(entry)
@@ -177,7 +186,7 @@ METRICS = ("train_rate", "train_distortion", "train_neg_elbo", "test_rate", "tes
 
 
 @pytest.fixture(scope="module")
-def faulty_sweep(tmp_path_factory):
+def faulty_sweep(tmp_path_factory, mlflow_db):
     """prepare -> sweep (echo/vae x beta 1 / 1e39; echo_b1's worker SIGKILLed after epoch 1)
     -> evaluate -> frontier, all for real in a tmp project directory."""
     from stages.evaluate import main as evaluate_main
@@ -185,7 +194,8 @@ def faulty_sweep(tmp_path_factory):
     from stages.prepare import main as prepare_main
 
     root = tmp_path_factory.mktemp("faulty")
-    write_params(root, "faulty", methods=["echo", "vae"], betas=[1.0, OVERFLOW_BETA])
+    write_params(root, "faulty", db=mlflow_db, methods=["echo", "vae"],
+                 betas=[1.0, OVERFLOW_BETA])
     killer = KillWorkerAtEpoch("echo_b1_mlp_z4", epoch=1)
     logs = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -199,7 +209,7 @@ def faulty_sweep(tmp_path_factory):
             with contextlib.redirect_stderr(err):
                 code = main(["--params", "params.yaml"])
             logs[name] = (code, err.getvalue())
-    return {"root": root, "table": table, "killer": killer, "logs": logs}
+    return {"root": root, "db": mlflow_db, "table": table, "killer": killer, "logs": logs}
 
 
 @pytest.mark.slow
@@ -247,7 +257,7 @@ def test_nonfinite_trial_is_stopped_with_its_reason_in_tune_and_mlflow(faulty_sw
         assert trial not in killer.recovered                         # not retried: it would diverge again
     assert set(table.index) - diverged == {"echo_b1_mlp_z4", "vae_b1_mlp_z4"}
     assert set(table.drop(index=list(diverged))["status"]) == {"completed"}
-    _, parents, children = mlflow_runs(root, "faulty")
+    _, parents, children = mlflow_runs(faulty_sweep["db"], "faulty")
     tags = {c.data.tags["trial_id"]: c.data.tags for c in children}
     status = {c.data.tags["trial_id"]: c.info.status for c in children}
     for trial in diverged:
@@ -273,7 +283,7 @@ def test_frontier_goes_on_without_nonfinite_trials_and_names_them(faulty_sweep):
 @pytest.mark.slow
 def test_mlflow_params_hold_no_secrets_or_absolute_paths(faulty_sweep):
     root = faulty_sweep["root"]
-    _, parents, children = mlflow_runs(root, "faulty")
+    _, parents, children = mlflow_runs(faulty_sweep["db"], "faulty")
     home = str(Path.home())
     for run in parents + children:
         for key, value in run.data.params.items():
@@ -290,7 +300,7 @@ def test_mlflow_params_hold_no_secrets_or_absolute_paths(faulty_sweep):
 # ---------------------------------------------------------------------------------------------
 
 
-def finished_trials(db: Path) -> set[str]:
+def finished_trials(db: Path, experiment: str) -> set[str]:
     """Trial ids whose MLflow child run has ended (read-only, tolerant of a busy store)."""
     if not db.exists():
         return set()
@@ -298,8 +308,10 @@ def finished_trials(db: Path) -> set[str]:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
             rows = c.execute(
                 "SELECT t.value FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
-                "JOIN tags role ON r.run_uuid = role.run_uuid WHERE t.key = 'trial_id' AND "
-                "role.key = 'echo.role' AND role.value = 'trial' AND r.status = 'FINISHED'")
+                "JOIN tags role ON r.run_uuid = role.run_uuid "
+                "JOIN experiments e ON r.experiment_id = e.experiment_id "
+                "WHERE t.key = 'trial_id' AND role.key = 'echo.role' AND role.value = 'trial' "
+                "AND r.status = 'FINISHED' AND e.name = ?", (experiment,))
             return {value for (value,) in rows}
     except sqlite3.Error:
         return set()
@@ -318,9 +330,10 @@ def newest_history(trial_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
-    betas = [0.25, 0.5, 1.0, 2.0]
-    write_params(tmp_path, "driver", methods=["vae"], betas=betas, max_concurrent=1)
+def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path, mlflow_db):
+    betas = [0.25, 0.5, 1.0]
+    write_params(tmp_path, "driver", db=mlflow_db, methods=["vae"], betas=betas,
+                 max_concurrent=1)
     trials = {f"vae_b{b:g}_mlp_z4" for b in betas}
     cmd = [sys.executable, "-m", "stages.sweep", "--params", "params.yaml", "--verbose", "0"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), start_new_session=True,
@@ -328,7 +341,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
     processes = []
     try:
         deadline = time.monotonic() + 300
-        while not finished_trials(tmp_path / "mlflow.db"):
+        while not finished_trials(mlflow_db, "driver"):
             assert driver.poll() is None, f"the sweep ended before the fault: {driver.stderr.read()}"
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(0.2)
@@ -341,7 +354,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
         kill_tree(processes)
     assert driver.returncode == -signal.SIGKILL
 
-    done_before = finished_trials(tmp_path / "mlflow.db")
+    done_before = finished_trials(mlflow_db, "driver")
     assert 1 <= len(done_before) < len(trials), done_before
     assert not (tmp_path / "results/sweep.csv").exists()            # no partial table
     assert not list((tmp_path / "results").glob("*.tmp")) if (tmp_path / "results").exists() else True
@@ -361,7 +374,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path):
         # the one written before the kill (an epoch trained again would have another time).
         final = load_checkpoint(tmp_path / table.set_index("trial_id").loc[trial, "checkpoint"])
         assert final["history"] == history_before[trial], trial
-    client, parents, children = mlflow_runs(tmp_path, "driver")
+    client, parents, children = mlflow_runs(mlflow_db, "driver")
     assert len(parents) == 1
     ids = [c.data.tags["trial_id"] for c in children]
     assert sorted(ids) == sorted(trials)                            # one child per trial
@@ -454,7 +467,8 @@ class KillNodeOfFirstTrial(Recorder):
 
 @pytest.mark.slow
 def test_lost_worker_node_trials_are_rescheduled_and_the_sweep_completes(two_node_cluster,
-                                                                         tmp_path, monkeypatch):
+                                                                         tmp_path, monkeypatch,
+                                                                         mlflow_db):
     address = two_node_cluster["address"]
     monkeypatch.setenv("RAY_ADDRESS", address)      # the sweep joins the cluster, as on AWS
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -464,7 +478,8 @@ def test_lost_worker_node_trials_are_rescheduled_and_the_sweep_completes(two_nod
         assert time.monotonic() < deadline, "the worker node did not join"
         time.sleep(0.3)
 
-    write_params(tmp_path, "lostnode", methods=["vae"], betas=[0.5, 1.0], max_concurrent=2)
+    write_params(tmp_path, "lostnode", db=mlflow_db, methods=["vae"], betas=[0.5, 1.0],
+                 max_concurrent=2)
     killer = KillNodeOfFirstTrial(two_node_cluster["worker"].pid)
     table = run_sweep(load_params(tmp_path / "params.yaml"), tmp_path, callbacks=(killer,),
                       verbose=0).set_index("trial_id")
