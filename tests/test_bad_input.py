@@ -25,7 +25,7 @@ from echo.train import TrainConfig, fit, load_checkpoint, load_model, save_check
 from pipeline.config import Params
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "sweep")        # every stage that reads params.yaml
+STAGES = ("prepare", "sweep", "evaluate", "frontier")     # every stage reading params.yaml
 
 
 def stage_main(name: str):
@@ -134,7 +134,7 @@ def test_every_bad_field_stops_every_stage(stage, tmp_path, monkeypatch, capsys)
 
 CLI_CASES = [("prepare", "unknown_dataset"), ("sweep", "negative_beta"),
              ("sweep", "clip_factor_breaks_truncation_bound"), ("sweep", "d_max_not_below_batch"),
-             ("sweep", "unknown_method"), ("sweep", "zero_epochs")]
+             ("evaluate", "unknown_method"), ("frontier", "zero_epochs")]
 
 
 def test_named_bad_params_through_the_real_cli(tmp_path):

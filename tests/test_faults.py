@@ -496,3 +496,49 @@ def test_lost_worker_node_trials_are_rescheduled_and_the_sweep_completes(two_nod
     assert set(table["status"]) == {"completed"} and set(table["epochs_done"]) == {3}
     expected = reference_metrics(killer.configs[killer.victim])
     assert {k: table.loc[killer.victim, k] for k in METRICS} == {k: expected[k] for k in METRICS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety: the MLflow UI the project tells users to start listens on 127.0.0.1 only
+# ---------------------------------------------------------------------------------------------
+
+MLFLOW_COMMAND_SOURCES = ("stages/sweep.py", "README.md", "docs", "cluster.yaml")
+
+
+def documented_mlflow_commands() -> list[str]:
+    lines = []
+    for name in MLFLOW_COMMAND_SOURCES:
+        path = REPO / name
+        for file in ([path] if path.is_file() else sorted(path.rglob("*.md")) if path.exists()
+                     else []):
+            lines += [line for line in file.read_text().splitlines()
+                      if "mlflow ui" in line or "mlflow server" in line]
+    return lines
+
+
+@pytest.mark.slow
+def test_documented_mlflow_ui_binds_to_localhost_only(tmp_path, mlflow_db):
+    """The command the sweep stage prints (and the docs repeat) never names another host, and
+    with this MLflow it serves on 127.0.0.1 only, not on every interface."""
+    commands = documented_mlflow_commands()
+    assert commands, "no documented mlflow command found"
+    for line in commands:
+        assert "0.0.0.0" not in line and "--host" not in line and " -h " not in line, line
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+         f"sqlite:///{mlflow_db}", "--port", str(port)],
+        cwd=tmp_path, env=child_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline, listening = time.monotonic() + 120, set()
+        while not listening:
+            assert ui.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+            time.sleep(0.5)
+            for proc in tree(ui.pid):
+                with contextlib.suppress(psutil.Error):
+                    listening |= {c.laddr.ip for c in proc.net_connections("tcp")
+                                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}, listening
+    finally:
+        kill_tree(tree(ui.pid))
