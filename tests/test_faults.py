@@ -542,3 +542,21 @@ def test_documented_mlflow_ui_binds_to_localhost_only(tmp_path, mlflow_db):
         assert listening == {"127.0.0.1"}, listening
     finally:
         kill_tree(tree(ui.pid))
+
+
+def test_reliability_doc_matches_the_tests():
+    """docs/reliability.md names only tests that exist, and every test of the reliability
+    files appears in its table."""
+    import re
+    doc = (REPO / "docs/reliability.md").read_text()
+    named = set(re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", doc))
+    assert named
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (REPO / file).read_text(), re.M), f"{file}::{test}"
+    for file in ("tests/test_faults.py", "tests/test_bad_input.py", "tests/test_properties.py",
+                 "tests/test_determinism.py"):
+        tests = set(re.findall(r"^def (test_\w+)\(", (REPO / file).read_text(), re.M))
+        tests -= {"test_reliability_doc_matches_the_tests", "test_every_leaf_field_is_covered",
+                  "test_every_field_has_cases"}          # checks of the tests themselves
+        missing = {t for t in tests if (file, t) not in named}
+        assert not missing, f"{file}: not in docs/reliability.md: {sorted(missing)}"
