@@ -12,16 +12,19 @@ that a slow spell of a shared machine hits both sides of a ratio alike.
   time of the same steps on pre-sliced batches (data handling, metrics, logging; and the
   per-epoch test evaluation, reported both with and without it).
 - images_per_s: training throughput of every registered method, conv, batch 100.
-- sweep_overhead: a sweep's wall time over its trials' summed training time
-  (`benchmarks.sweep_overhead`, issue 5); reported as missing when that module is absent.
-- ensemble_speedup: K = 8 betas trained as one vectorised ensemble (`echo.ensemble`) over 8
-  separate models, in training images per second.
+- sweep_overhead: a sweep's wall time x slots over its trials' summed training time at full
+  packing (`benchmarks.sweep_overhead`, issue 5: Ray local, MLflow, digits, mlp, on the CPU
+  whatever --device says); reported as missing when that module is absent.
+- ensemble_speedup: K = 8 betas trained as one ensemble (`echo.ensemble`) over 8 separate
+  models, in training images per second; both strategies (vmap, loop), the headline being the
+  one `strategy="auto"` picks on the device.
 - echo_noise_memory: peak bytes the Echo noise allocates in one forward + backward, against the
   B x d_max x D floats of its largest tensor.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -102,6 +105,12 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], device: torch.de
 def benchmark_images(n: int, device: torch.device) -> tuple[torch.Tensor, str]:
     """n binary 28x28 images: the first n of binary MNIST when its IDX files are found, else
     Bernoulli(0.13) noise of the same shape (speed does not depend on the pixel values)."""
+    x, source = _cpu_images(n)
+    return x.to(device), source
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_images(n: int) -> tuple[torch.Tensor, str]:
     from echo.data import load_dataset
     for root in (os.environ.get("ECHO_MNIST_DIR"), os.environ.get("ECHO_DATA_ROOT"),
                  REPO.parent / "shared" / "data" / "mnist", REPO / "data" / "raw"):
@@ -109,9 +118,9 @@ def benchmark_images(n: int, device: torch.device) -> tuple[torch.Tensor, str]:
                         for ext in ("", ".gz")):
             x = load_dataset("binary_mnist", "train", root)[0][:n]
             if len(x) == n:
-                return x.to(device), "binary_mnist"
+                return x, "binary_mnist"
     generator = torch.Generator().manual_seed(0)
-    return (torch.rand(n, 1, 28, 28, generator=generator) < 0.13).float().to(device), "synthetic"
+    return (torch.rand(n, 1, 28, 28, generator=generator) < 0.13).float(), "synthetic"
 
 
 def make_stepper(model: torch.nn.Module, x: torch.Tensor, beta: float = 1.0) -> Callable[[], None]:
@@ -164,58 +173,61 @@ def bench_images_per_s(device: torch.device, quick: bool, compile: bool) -> dict
 
 
 def bench_epoch_overhead(device: torch.device, quick: bool, compile: bool) -> dict:
-    """fit's last-epoch wall time over the pure step time of the same number of steps.
+    """fit's epoch wall time over the pure step time of the same number of steps.
 
-    The test split is a fifth of the training split, as in binary MNIST (50k / 10k), so the
-    evaluation share is the one of a real epoch; the figure is given with and without it.
+    One `fit` run; after each of its epochs (`on_epoch`) a pure epoch runs: the same model
+    architecture and optimiser, forward + backward + Adam over pre-sliced batches, nothing else;
+    then the test evaluation alone is timed. Fit and pure epochs thus alternate closely, so that
+    a shared machine's load swings hit both; the figure is the median over epochs (the first,
+    warm-up epoch left out) of fit epoch / pure epoch. The test split is a fifth of the training
+    split, as in binary MNIST (50k / 10k), so the evaluation share is that of a real epoch; the
+    figure is given with and without it.
     """
     from echo.train import TrainConfig, evaluate, fit
     n_train = 1000 if quick else 3000
     n_test = n_train // 5
+    epochs = 3 if quick else 5
     x, source = benchmark_images(n_train + n_test, torch.device("cpu"))
+    x_train, x_test = x[:n_train].to(device), x[n_train:].to(device)
+    model = build("echo", device, compile=compile)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    batches = [x_train[i:i + BATCH].contiguous() for i in range(0, n_train, BATCH)]
+    pure, evaluation, fit_epochs = [], [], []
+
+    def pure_epoch(epoch: int, metrics: dict, state) -> None:
+        fit_epochs.append(metrics["epoch_seconds"])
+        synchronize(device)
+        start = time.perf_counter()
+        for xb in batches:
+            out = model(xb, 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+        synchronize(device)
+        middle = time.perf_counter()
+        evaluate(model, x_test, BATCH, 1.0)
+        synchronize(device)
+        pure.append(middle - start)
+        evaluation.append(time.perf_counter() - middle)
+
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "bench.npz"
         y = np.zeros(len(x), dtype=np.int64)
         np.savez(npz, train_x=x[:n_train].numpy(), train_y=y[:n_train],
                  test_x=x[n_train:].numpy(), test_y=y[n_train:])
         config = TrainConfig(method="echo", dataset="binary_mnist", prepared=str(npz), arch="conv",
-                             epochs=2, batch_size=BATCH, device=str(device), progress=False,
-                             **({"compile": True} if compile else {}))
-        x_train, x_test = x[:n_train].to(device), x[n_train:].to(device)
-        model = build("echo", device, compile=compile)
-        pure_step = make_stepper(model, x_train[:BATCH])
-        batches = [x_train[i:i + BATCH].contiguous() for i in range(0, n_train, BATCH)]
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-
-        def pure_epoch() -> None:
-            for xb in batches:
-                out = model(xb, 1.0)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-
-        fit_epochs: list[float] = []
-        eval_times: list[float] = []
-
-        def fit_run() -> None:
-            result = fit(config)
-            fit_epochs.append(result.history[-1]["epoch_seconds"])  # last epoch: warm
-            synchronize(device)
-            start = time.perf_counter()
-            evaluate(result.model, x_test, BATCH, 1.0)
-            synchronize(device)
-            eval_times.append(time.perf_counter() - start)
-
-        pure_step()
-        med = interleaved_medians({"fit": fit_run, "pure": pure_epoch}, device,
-                                  reps=2 if quick else 3, warmup=0)
-    epoch = statistics.median(fit_epochs)
-    evaluation = statistics.median(eval_times)
-    pure = med["pure"]
-    return {"ratio": epoch / pure, "ratio_without_eval": (epoch - evaluation) / pure,
-            "epoch_s": epoch, "eval_s": evaluation, "pure_steps_s": pure,
-            "steps": len(batches), "train_examples": n_train, "test_examples": n_test,
-            "method": "echo", "arch": "conv", "data": source, "target": 1.10}
+                             epochs=epochs, batch_size=BATCH, device=str(device), progress=False,
+                             compile=compile)
+        fit(config, on_epoch=pure_epoch)
+    pairs = list(zip(fit_epochs, pure, evaluation))[1:]
+    return {"ratio": statistics.median(f / p for f, p, _ in pairs),
+            "ratio_without_eval": statistics.median((f - e) / p for f, p, e in pairs),
+            "epoch_s": statistics.median(f for f, _, _ in pairs),
+            "eval_s": statistics.median(e for _, _, e in pairs),
+            "pure_steps_s": statistics.median(p for _, p, _ in pairs),
+            "epochs_timed": len(pairs), "steps": len(batches), "train_examples": n_train,
+            "test_examples": n_test, "method": "echo", "arch": "conv", "data": source,
+            "target": 1.10}
 
 
 def bench_sweep_overhead(device: torch.device, quick: bool, compile: bool) -> dict:
@@ -229,32 +241,39 @@ def bench_sweep_overhead(device: torch.device, quick: bool, compile: bool) -> di
 
 
 def bench_ensemble_speedup(device: torch.device, quick: bool, compile: bool) -> dict:
-    """Images/s of K members as one vectorised ensemble over K separate models (K x one step)."""
-    from echo.ensemble import Ensemble
+    """Images/s of K members as one ensemble over K separate models (K x one step), for both
+    ensemble strategies; the headline is the strategy `auto` picks on this device."""
+    from echo.ensemble import Ensemble, default_strategy
     betas = [0.25 * (i + 1) for i in range(ENSEMBLE_K)]
-    result = {"k": ENSEMBLE_K, "betas": betas, "batch": BATCH}
-    for arch, shape in (("conv", (1, 28, 28)), ("mlp", (1, 28, 28))):
-        x, source = benchmark_images(BATCH * ENSEMBLE_K, device)
-        single = make_stepper(build("echo", device, arch=arch, input_shape=shape), x[:BATCH])
-        ensemble = Ensemble.build("echo", betas, arch=arch, latent_dim=LATENT, input_shape=shape,
-                                  seeds=list(range(ENSEMBLE_K)), device=device, compile=compile)
-        optimizer = torch.optim.Adam(ensemble.parameters(), lr=3e-4)
-        xs = x.view(ENSEMBLE_K, BATCH, *shape)
+    shape = (1, 28, 28)
+    x, source = benchmark_images(BATCH * ENSEMBLE_K, device)
+    xs = x.view(ENSEMBLE_K, BATCH, *shape)
+    result = {"k": ENSEMBLE_K, "betas": betas, "batch": BATCH, "data": source,
+              "auto_strategy": default_strategy(device)}
+    for arch in ("conv", "mlp"):
+        steps = {"single": make_stepper(build("echo", device, arch=arch), x[:BATCH])}
+        for strategy in ("vmap", "loop"):
+            ensemble = Ensemble.build("echo", betas, arch=arch, latent_dim=LATENT,
+                                      input_shape=shape, seeds=list(range(ENSEMBLE_K)),
+                                      device=device, strategy=strategy, compile=compile)
+            optimizer = torch.optim.Adam(ensemble.parameters(), lr=3e-4)
 
-        def ensemble_step() -> None:
-            out = ensemble(xs)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-
-        reps = (3 if quick else 8) if arch == "conv" else (5 if quick else 20)
-        med = interleaved_medians({"single": single, "ensemble": ensemble_step}, device,
-                                  reps=reps, warmup=1 if quick else 2)
-        separate = ENSEMBLE_K * BATCH / (ENSEMBLE_K * med["single"])
-        packed = ENSEMBLE_K * BATCH / med["ensemble"]
-        result[arch] = {"speedup": packed / separate, "ensemble_images_per_s": packed,
-                        "separate_images_per_s": separate, "data": source}
-    result["speedup"] = result["conv"]["speedup"]
+            def ensemble_step(ensemble=ensemble, optimizer=optimizer) -> None:
+                out = ensemble(xs)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+            steps[strategy] = ensemble_step
+        reps = (2 if quick else 6) if arch == "conv" else (5 if quick else 20)
+        med = interleaved_medians(steps, device, reps=reps, warmup=1)
+        separate = BATCH / med["single"]          # K separate runs, one after the other
+        result[arch] = {"separate_images_per_s": separate, **{
+            f"{strategy}_images_per_s": ENSEMBLE_K * BATCH / med[strategy]
+            for strategy in ("vmap", "loop")}, **{
+            f"{strategy}_speedup": ENSEMBLE_K * BATCH / med[strategy] / separate
+            for strategy in ("vmap", "loop")}}
+    auto = result["auto_strategy"]
+    result["speedup"] = result["conv"][f"{auto}_speedup"]
     result["target"] = 4.0 if device.type == "cuda" else None
     return result
 
@@ -341,13 +360,17 @@ def headline(name: str, result: dict) -> str:
     if name == "images_per_s":
         return ", ".join(f"{m} {v:,.0f}" for m, v in result["per_method"].items())
     if name == "ensemble_speedup":
-        return (f"{result['speedup']:.2f}x conv, {result['mlp']['speedup']:.2f}x mlp "
-                f"(K={result['k']})")
+        conv, mlp = result["conv"], result["mlp"]
+        return (f"{result['speedup']:.2f}x conv with the {result['auto_strategy']} strategy "
+                f"(K={result['k']}; conv vmap {conv['vmap_speedup']:.2f}x, loop "
+                f"{conv['loop_speedup']:.2f}x; mlp vmap {mlp['vmap_speedup']:.2f}x, loop "
+                f"{mlp['loop_speedup']:.2f}x)")
     if name == "echo_noise_memory":
         return (f"{result['peak_bytes'] / 2**20:.2f} MiB = {result['peak_over_b_dmax_d']:.1f} x "
                 f"B*d_max*D floats")
-    if name == "sweep_overhead" and "ratio" in result:
-        return f"{result['ratio']:.3f} (target <= {result.get('target')})"
+    if name == "sweep_overhead" and "overhead" in result:
+        return (f"{result['overhead']:.3f} ({result.get('trials')} trials on "
+                f"{result.get('slots')} slots; target <= {result.get('target')})")
     return json.dumps(result)[:120]
 
 
@@ -362,7 +385,7 @@ def run(names: list[str], device: torch.device, quick: bool, compile: bool,
             result = BENCHMARKS[name](device, quick, compile)
         except Exception as err:  # one broken figure must not hide the others
             result = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
-        result["device"] = label
+        result.setdefault("device", label)     # the sweep benchmark names its own (CPU) device
         result["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = result
     return results

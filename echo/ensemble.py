@@ -50,6 +50,11 @@ class EnsembleOutput:
 STRATEGIES = ("auto", "vmap", "loop")
 
 
+def default_strategy(device: str | torch.device) -> str:
+    """What strategy="auto" runs: vmap on CUDA, a loop over members elsewhere."""
+    return "vmap" if torch.device(device).type == "cuda" else "loop"
+
+
 def _member_step(template: nn.Module, params: dict, buffers: dict, x: Tensor, beta: Tensor):
     out = functional_call(template, (params, buffers), (x, beta))
     return out.loss, out.rate, out.distortion, out.z
@@ -124,9 +129,7 @@ class Ensemble(nn.Module):
         return self
 
     def resolved_strategy(self) -> str:
-        if self.strategy != "auto":
-            return self.strategy
-        return "vmap" if self.betas.device.type == "cuda" else "loop"
+        return self.strategy if self.strategy != "auto" else default_strategy(self.betas.device)
 
     def _state(self) -> tuple[dict, dict]:
         params = dict(zip(self.param_names, self.stacked))
@@ -150,6 +153,10 @@ class Ensemble(nn.Module):
         return self._vmapped[batched_x]
 
     def _looped(self, params: dict, buffers: dict, x: Tensor, batched_x: bool):
+        # unbind, not t[k]: its backward stacks the K member gradients once, where K separate
+        # t[k] would each scatter into a zero tensor of the full stacked size.
+        params = {n: t.unbind(0) for n, t in params.items()}
+        buffers = {n: t.unbind(0) for n, t in buffers.items()}
         outs = [_member_step(self._template, {n: t[k] for n, t in params.items()},
                              {n: t[k] for n, t in buffers.items()}, x[k] if batched_x else x,
                              self.betas[k]) for k in range(self.k)]
