@@ -33,6 +33,7 @@ from pathlib import Path
 import pyarrow.fs
 import ray
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
 from echo import clip_factor as solve_clip_factor
@@ -143,6 +144,54 @@ class GridOptunaSearch(Searcher):
             study.on_trial_complete(trial_id, None, error=True)   # crashed or diverged
         else:
             study.on_trial_complete(trial_id, result)
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+
+class GridPointASHA(FIFOScheduler):
+    """ASHA early stopping among the samples of one grid point only: one `ASHAScheduler` per
+    (method, beta, arch, latent_dim). A single ASHA over the sweep would compare an Echo trial
+    at beta 3 with a VAE at beta 0.1 and stop whole grid points, leaving holes in the R-D curve;
+    here it only stops the worse learning rates / clipping factors of a point."""
+
+    def __init__(self, metric: str, mode: str, max_t: int, grace_period: int):
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self.options = {"metric": metric, "mode": mode, "time_attr": "training_iteration",
+                        "max_t": max_t, "grace_period": grace_period}
+        self.schedulers: dict[tuple, object] = {}
+
+    def _of(self, trial):
+        from ray.tune.schedulers import ASHAScheduler
+        c = trial.config
+        key = (c["method"], c["beta"], c["arch"], c["latent_dim"])
+        if key not in self.schedulers:
+            self.schedulers[key] = ASHAScheduler(**self.options)
+        return self.schedulers[key]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True                              # fixed at construction
+
+    def on_trial_add(self, tune_controller, trial):
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"ASHA per grid point ({len(self.schedulers)} points)"
 
     def save(self, checkpoint_path: str):
         with open(checkpoint_path, "wb") as fh:
@@ -481,9 +530,8 @@ def tune_config(params: Params, root: Path) -> tune.TuneConfig:
                                 metric=sweep.search.metric, mode="min", seed=params.train.seed)
     scheduler = None
     if sweep.asha:
-        from ray.tune.schedulers import ASHAScheduler
-        scheduler = ASHAScheduler(metric=sweep.search.metric, mode="min",
-                                  time_attr="training_iteration", max_t=params.train.epochs,
+        scheduler = GridPointASHA(metric=sweep.search.metric, mode="min",
+                                  max_t=params.train.epochs,
                                   grace_period=max(1, params.train.epochs // 4))
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                            num_samples=searcher.total, max_concurrent_trials=sweep.max_concurrent,

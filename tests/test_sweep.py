@@ -20,9 +20,9 @@ from ray.tune.search import Searcher  # noqa: E402
 
 from echo.train import load_model  # noqa: E402
 from pipeline.config import Params  # noqa: E402
-from pipeline.sweep import (CSV_COLUMNS, SweepError, SweepInterrupted, connect_ray,  # noqa: E402
-                            experiment_uid, fingerprint, run_sweep, tune_config)
-from pipeline.sweep import EPOCH_METRICS  # noqa: E402
+from pipeline.sweep import (CSV_COLUMNS, EPOCH_METRICS, GridPointASHA, SweepError,  # noqa: E402
+                            SweepInterrupted, connect_ray, experiment_uid, fingerprint,
+                            run_sweep, tune_config)
 from stages.sweep import main as stage_main  # noqa: E402
 
 
@@ -153,6 +153,25 @@ def test_grid_search_covers_every_point_with_its_own_optuna_study(tmp_path):
     assert all(0.4 <= c["clip_factor"] <= 0.7 for c in configs if c["method"] == "echo")
     assert all(c["clip_factor"] is None for c in configs if c["method"] == "vae")
     assert len({c["lr"] for c in configs}) == 12
+
+
+def test_asha_stops_only_worse_samples_of_the_same_grid_point():
+    from types import SimpleNamespace
+    scheduler = GridPointASHA(metric="test_loss", mode="min", max_t=8, grace_period=1)
+
+    def trial(name, method, beta):
+        made = SimpleNamespace(trial_id=name, config={"method": method, "beta": beta,
+                                                      "arch": "mlp", "latent_dim": 4})
+        scheduler.on_trial_add(None, made)
+        return made
+
+    good, worse = trial("a", "echo", 1.0), trial("b", "echo", 1.0)
+    other_point = trial("c", "vae", 3.0)
+    first = {"training_iteration": 1}
+    assert scheduler.on_trial_result(None, good, {**first, "test_loss": 10.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, worse, {**first, "test_loss": 20.0}) == "STOP"
+    # far worse than both, but alone at its grid point: an R-D point is never dropped
+    assert scheduler.on_trial_result(None, other_point, {**first, "test_loss": 100.0}) == "CONTINUE"
 
 
 def test_changed_settings_start_a_new_experiment_and_keep_the_old_one(tmp_path):
