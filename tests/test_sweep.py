@@ -207,13 +207,11 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(tmp_path):
     for trial in retrained:
         before = [e for t, e in first.epochs if t == trial]
         after = sorted(e for t, e in second.epochs if t == trial)
-        # An unfinished trial continues from a checkpoint (checkpoint_every=1): at most its last
-        # reported epoch is trained again (a checkpoint still in flight at the interruption),
-        # and once two epochs were reported the first one's checkpoint is certainly kept.
+        # An unfinished trial continues from its checkpoint (checkpoint_every=1): at most its
+        # last reported epoch is trained again (its checkpoint may have been in flight).
         assert after == list(range(after[0], 4)), (trial, before, after)
-        assert after[0] <= max(before, default=0) + 1, (trial, before, after)
-        if len(before) >= 2:
-            assert after[0] >= 2, (trial, before, after)
+        assert max(before, default=1) <= after[0] <= max(before, default=0) + 1, \
+            (trial, before, after)
 
     csv = pd.read_csv(tmp_path / "results/sweep.csv")
     assert len(csv) == 3 and set(csv.status) == {"completed"} and set(csv.epochs_done) == {3}
