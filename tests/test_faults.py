@@ -516,32 +516,24 @@ def documented_mlflow_commands() -> list[str]:
     return lines
 
 
-@pytest.mark.slow
-def test_documented_mlflow_ui_binds_to_localhost_only(tmp_path, mlflow_db):
-    """The command the sweep stage prints (and the docs repeat) never names another host, and
-    with this MLflow it serves on 127.0.0.1 only, not on every interface."""
+def test_documented_mlflow_ui_binds_to_localhost_only():
+    """The command the sweep stage prints (and the docs repeat) names no other host, nothing in
+    the project sets MLFLOW_HOST, and this MLflow's `ui` (an alias of `server`) then binds
+    127.0.0.1. (Starting the server to look at its socket was measured at 13-39 s here.)"""
+    import click
+    from mlflow.cli import cli
+
     commands = documented_mlflow_commands()
     assert commands, "no documented mlflow command found"
     for line in commands:
         assert "0.0.0.0" not in line and "--host" not in line and " -h " not in line, line
-    port = free_port()
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-         f"sqlite:///{mlflow_db}", "--port", str(port)],
-        cwd=tmp_path, env=child_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    try:
-        deadline, listening = time.monotonic() + 120, set()
-        while not listening:
-            assert ui.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
-            time.sleep(0.5)
-            for proc in tree(ui.pid):
-                with contextlib.suppress(psutil.Error):
-                    listening |= {c.laddr.ip for c in proc.net_connections("tcp")
-                                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-        assert listening == {"127.0.0.1"}, listening
-    finally:
-        kill_tree(tree(ui.pid))
+    for folder in ("echo", "pipeline", "stages"):
+        for path in (REPO / folder).rglob("*.py"):
+            assert "MLFLOW_HOST" not in path.read_text(), path
+    ui = cli.get_command(click.Context(cli), "ui")
+    host = next(p for p in ui.params if p.name == "host")
+    assert host.default == "127.0.0.1"
+    assert "MLFLOW_HOST" not in os.environ or os.environ["MLFLOW_HOST"] == "127.0.0.1"
 
 
 def test_reliability_doc_matches_the_tests():
