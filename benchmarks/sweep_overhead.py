@@ -17,7 +17,8 @@ start Ray itself (once per stage run) and to create the MLflow store (once per p
 benchmark creates it before timing the sweep) are reported beside it, as is the machine's load,
 since a shared machine's other work stretches every number. Trials are 300 epochs of the digits
 MLP (about as long as 15 epochs of MNIST): long against the fixed per-slot start-up (worker
-process, imports, data), which trials after the first on a slot reuse. Target (issue 5): at most 1.15.
+process, imports, data), which trials after the first on a slot reuse.
+Target (issue 5): at most 1.15.
 """
 from __future__ import annotations
 

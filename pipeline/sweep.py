@@ -218,7 +218,7 @@ def train_config(config: dict) -> TrainConfig:
 
 
 def train_trial(config: dict) -> None:
-    """One trial: fit with per-epoch reports and Tune checkpoints, resuming when Tune restarts it."""
+    """One trial: fit with per-epoch reports and Tune checkpoints; resumes when Tune restarts it."""
     cfg = train_config(config)
     every = config["checkpoint_every"]
     given = tune.get_checkpoint()
@@ -497,23 +497,23 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
             # this run's callbacks, with the tracker connected to the current store.
             tuner._local_tuner.get_run_config().callbacks = all_callbacks
         else:
+            run_config = tune.RunConfig(
+                name=sweep.name, storage_path=storage, verbose=verbose, callbacks=all_callbacks,
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                # Tune snapshots its state whenever a trial has saved num_to_keep checkpoints:
+                # 4 keeps that rare.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4))
             tuner = tune.Tuner(trainable, tune_config=tune_config(params, root),
-                               run_config=tune.RunConfig(
-                                   name=sweep.name, storage_path=storage, verbose=verbose,
-                                   callbacks=all_callbacks,
-                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                   # Tune snapshots its state whenever a trial has saved
-                                   # num_to_keep checkpoints: 4 keeps that rare.
-                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
+                               run_config=run_config)
         tuner.fit()
         expected = len(grid_points(params)) * sweep.search.num_samples
         unfinished = [t for t, s in statuses.status.items() if s not in ("TERMINATED", "ERROR")]
-        if unfinished or len(statuses.status) < expected:
+        missing = expected - len(statuses.status) + len(unfinished)
+        if missing:
             tracker.finish_sweep("KILLED")
             raise SweepInterrupted(
-                f"sweep {sweep.name!r} stopped with {expected - len(statuses.status) + len(unfinished)}"
-                f" of {expected} trials unfinished; run the stage again to resume it from "
-                f"{experiment}")
+                f"sweep {sweep.name!r} stopped with {missing} of {expected} trials unfinished; "
+                f"run the stage again to resume it from {experiment}")
         table = collect_results(statuses.trials, tracker, root)
         tracker.finish_sweep("FINISHED")
         return table
