@@ -237,7 +237,8 @@ def test_in_range_values_are_accepted(tmp_path, epochs, batch_size, lr, lr_decay
                      "lr_decay_start": lr_decay_start},
            "sweep": {"betas": betas, "methods": methods}}
     params = load_params(write_params(tmp_path, raw))
-    assert (params.train.epochs, params.train.batch_size, params.train.lr) == (epochs, batch_size, lr)
+    train = params.train
+    assert (train.epochs, train.batch_size, train.lr) == (epochs, batch_size, lr)
     assert params.sweep.betas == betas and params.sweep.methods == methods
 
 
