@@ -9,6 +9,7 @@ reports train and test rate, distortion and -ELBO (= rate + distortion, whatever
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -247,10 +248,12 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         first_epoch = int(resume["epoch"]) + 1
 
     def state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": len(history), "history": history, "config": asdict(config),
-                "input_shape": list(input_shape)}
+        # A snapshot: state_dict() tensors and `history` are live objects that later steps
+        # would change under a caller who keeps the dict.
+        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                              "epoch": len(history), "history": history,
+                              "config": asdict(config), "input_shape": list(input_shape)})
 
     progress = _progress(config, first_epoch)
     for epoch in range(first_epoch, config.epochs + 1):
