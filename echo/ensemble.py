@@ -35,7 +35,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .methods import Autoencoder
 from .train import (FitResult, NonFiniteLossError, TrainConfig, _atomic_write, batches,
-                    load_train_test, lr_factor, make_model, resolve_device, save_checkpoint)
+                    device_data, lr_factor, make_model, resolve_device, save_checkpoint)
 
 
 @dataclass
@@ -246,12 +246,7 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
     configs = member_configs(config, betas, seeds)
     k = len(configs)
     device = resolve_device(config.device)
-    x_train, x_test = load_train_test(config)
-    x_train = x_train[: config.train_limit].to(device)     # on the device once, batched by index
-    x_test = x_test[: config.test_limit].to(device)
-    if len(x_train) < config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training "
-                         f"examples of {config.dataset}")
+    x_train, x_test = device_data(config, device)
     input_shape = tuple(x_train.shape[1:])
     models = []
     for member_config in configs:

@@ -99,6 +99,18 @@ def load_train_test(config: TrainConfig) -> tuple[Tensor, Tensor]:
             load_dataset(config.dataset, "test", config.data_root)[0])
 
 
+def device_data(config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The training and test images cut to the configured limits and moved to the device once,
+    to be batched by indexing; refuses a batch larger than the training set."""
+    x_train, x_test = load_train_test(config)
+    x_train = x_train[: config.train_limit].to(device)
+    x_test = x_test[: config.test_limit].to(device)
+    if len(x_train) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training "
+                         f"examples of {config.dataset}")
+    return x_train, x_test
+
+
 def make_model(config: TrainConfig, input_shape: tuple[int, ...]) -> Autoencoder:
     options = dict(config.method_options)
     if config.method == "echo":
@@ -222,12 +234,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     builds a checkpoint dict that `fit(config, resume=...)` continues from."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    x_train, x_test = load_train_test(config)
-    x_train = x_train[: config.train_limit].to(device)     # on the device once, batched by index
-    x_test = x_test[: config.test_limit].to(device)
-    if len(x_train) < config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x_train)} training "
-                         f"examples of {config.dataset}")
+    x_train, x_test = device_data(config, device)
     input_shape = tuple(x_train.shape[1:])
 
     model = make_model(config, input_shape).to(device)
