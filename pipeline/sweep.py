@@ -95,7 +95,20 @@ def echo_terms(params: Params) -> int:
     return params.train.d_max if params.train.d_max is not None else params.train.batch_size - 1
 
 
-class GridOptunaSearch(Searcher):
+class PickledState:
+    """Tune saves searchers and schedulers with the experiment; these keep all their state in
+    plain attributes, so the whole instance dict is what a resumed sweep needs back."""
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+
+class GridOptunaSearch(PickledState, Searcher):
     """Every grid point `num_samples` times, sample-major (all points' sample 0 first, so each
     study has feedback before its next ask); lr / clip_factor from one Optuna study per point
     where a search range is given, else the defaults in `base`."""
@@ -145,16 +158,8 @@ class GridOptunaSearch(Searcher):
         else:
             study.on_trial_complete(trial_id, result)
 
-    def save(self, checkpoint_path: str):
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
 
-    def restore(self, checkpoint_path: str):
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
-
-
-class GridPointASHA(FIFOScheduler):
+class GridPointASHA(PickledState, FIFOScheduler):
     """ASHA early stopping among the samples of one grid point only: one `ASHAScheduler` per
     (method, beta, arch, latent_dim). A single ASHA over the sweep would compare an Echo trial
     at beta 3 with a VAE at beta 0.1 and stop whole grid points, leaving holes in the R-D curve;
@@ -192,14 +197,6 @@ class GridPointASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"ASHA per grid point ({len(self.schedulers)} points)"
-
-    def save(self, checkpoint_path: str):
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
-
-    def restore(self, checkpoint_path: str):
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
 
 
 # -- the trainable (runs in a Ray worker) -------------------------------------------------
