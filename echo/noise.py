@@ -77,31 +77,201 @@ def _other_indices(batch: int, d_max: int, replace: bool, device, generator) -> 
     return order + (order >= torch.arange(batch, device=device).unsqueeze(1))
 
 
+# Number of pieces the echo order is cut into by `_EchoNoise`: each piece's two [c, B, D]
+# temporaries (c = ceil(d_max / 4)) total about half of B x d_max x D floats, and four pieces
+# keep the kernels few and large on a GPU.
+ECHO_CHUNKS = 4
+
+
 def echo_noise(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: bool = False,
                generator: torch.Generator | None = None, check: bool = True) -> Tensor:
     """The Echo noise eps of Eq. 2-3 for every example of the batch, shape [B, D].
 
-    Vectorised over the batch: gathers the d_max noise examples of every row ([B, d_max, D],
-    the largest tensor this allocates), takes the exclusive cumulative sum of log S along the
-    echo order (the products prod_{k<l} S in log space) and sums the weighted f. Gradients flow
-    into f and log_s of the examples used as noise.
+    eps_i = sum_{l=1..d_max} w_il f(x^(j(i,l))), w_il = prod_{k<l} S(x^(j(i,k))), with j(i, .)
+    the d_max other examples drawn by `_other_indices`. Gradients flow into f and log_s of the
+    examples used as noise. Computed by `_EchoNoise` in pieces along the echo order, so that
+    forward + backward hold at most two [ceil(d_max/4), B, D] float tensors at once, plus the
+    int64 echo order and a few [B, D] ones: 0.68 x B*d_max*D floats in all at B = 100,
+    d_max = 99, D = 32, where the plain vectorised `echo_noise_reference` peaks at 5.1 x
+    (docs/performance.md). Once differentiable: double backward raises.
     """
     if check:
         _validate(f, log_s, d_max, replace)
     batch = f.shape[0]
     if d_max is None:
         d_max = batch - 1
-    idx = _other_indices(batch, d_max, replace, f.device, generator)
-    # Memory: a few [B, d_max, D] tensors at a time (see docs/performance.md). The in-place
-    # steps are safe for autograd: cumsum and subtraction save nothing, exp saves its output.
-    # index_select, not log_s[idx]: its backward (index_add) is deterministic on a multi-threaded
-    # CPU, advanced indexing's (index_put with accumulate) is not, and seeded runs must repeat.
+    order = _shifted_order(_other_indices(batch, d_max, replace, f.device, generator))
+    return _EchoNoise.apply(f, log_s, order)[0]
+
+
+def echo_noise_reference(f: Tensor, log_s: Tensor, *, d_max: int | None = None,
+                         replace: bool = False, generator: torch.Generator | None = None,
+                         check: bool = True) -> Tensor:
+    """`echo_noise` in one vectorised piece with plain autograd: the reference for tests.
+
+    Same arguments, same random draws (so the same generator seed gives the same noise up to
+    rounding). Gathers the d_max noise examples of every row ([B, d_max, D]), takes the
+    exclusive cumulative sum of log S along the echo order (the products prod_{k<l} S in log
+    space) and sums the weighted f. Peak memory over forward + backward ~5 x B*d_max*D floats:
+    autograd saves the weights and the gathered f, and cumsum's backward (flip, cumsum, flip)
+    holds three such tensors at once.
+    """
+    if check:
+        _validate(f, log_s, d_max, replace)
+    batch = f.shape[0]
+    if d_max is None:
+        d_max = batch - 1
+    return _reference_noise(f, log_s, _other_indices(batch, d_max, replace, f.device, generator))
+
+
+def _reference_noise(f: Tensor, log_s: Tensor, idx: Tensor) -> Tensor:
+    """`echo_noise_reference` for given echo indices idx [B, d_max] (`_other_indices`)."""
+    batch, d_max = idx.shape
+    # The in-place steps are safe for autograd: cumsum and subtraction save nothing, exp saves
+    # its output. index_select, not log_s[idx]: its backward (index_add) is deterministic on a
+    # multi-threaded CPU, advanced indexing's (index_put with accumulate) is not.
     flat = idx.reshape(-1)
     log_s_echo = log_s.index_select(0, flat).view(batch, d_max, -1)  # log S(x^(1..d_max))
     # log prod_{k<l} S(x^(k)): inclusive cumsum minus the own term (an exclusive cumsum).
     weight = log_s_echo.cumsum(dim=1).sub_(log_s_echo).exp_()
     del log_s_echo
     return (weight * f.index_select(0, flat).view(batch, d_max, -1)).sum(dim=1)
+
+
+def _shifted_order(idx: Tensor) -> Tensor:
+    """The echo order [B, d_max] as `_EchoNoise` reads it: position-major and shifted by one.
+
+    Row l+1 of the result is j(., l) (the noise example at echo position l of every row), row 0
+    repeats row 1 as a placeholder. Position-major, a piece of the echo order is a contiguous
+    block of rows and its gathered [c, B, D] values are contiguous too, so the cumulative sum
+    runs over whole [B, D] slabs. The shift lets one gather fetch log S at positions
+    a-1 .. b-2, exactly what the exclusive cumsum over positions a .. b-1 needs (_EchoNoise).
+    """
+    return torch.cat([idx[:, :1].t(), idx.t()]).contiguous()   # contiguous: a no-op here
+
+
+def _pieces(d_max: int) -> list[tuple[int, int]]:
+    """[a, b) bounds of the pieces of the echo order 0 .. d_max-1 (at most ECHO_CHUNKS)."""
+    size = -(-d_max // min(ECHO_CHUNKS, d_max))
+    return [(a, min(a + size, d_max)) for a in range(0, d_max, size)]
+
+
+def _log_weights(log_s: Tensor, order: Tensor, a: int, b: int, prefix: Tensor | None) -> Tensor:
+    """log w_il = sum_{k<l} log S(x^(j(i,k))) for the echo positions l = a .. b-1, [b-a, B, D].
+
+    `prefix` ([B, D]) is the log-product of everything before the piece (sum over k < a), None
+    for the first piece. One gather fetches log S at positions a-1 .. b-2 (`_shifted_order`);
+    replacing its first row by the prefix makes the inclusive cumsum the exclusive one of
+    Eq. 2-3 directly: row l-a becomes prefix + sum_{a<=k<l} log S_k.
+    """
+    batch, dim = log_s.shape
+    rows = log_s.index_select(0, order[a:b].reshape(-1)).view(b - a, batch, dim)
+    if prefix is None:
+        rows[0].zero_()          # empty product: w_i1 = 1
+    else:
+        rows[0].copy_(prefix)
+    # Out of place (the gathered rows die on return): cumsum_ has no vmap batching rule and
+    # would run member by member under torch.func.vmap.
+    return rows.cumsum(0)
+
+
+def _exp_weights(log_weight: Tensor) -> Tensor:
+    """exp of the log-weights, in place, raising those below the smallest normal float to it.
+
+    Why: once prod_{k<l} S falls below ~1e-38 (float32; log < -87.3), exp returns denormals or
+    0, and the CPU's vectorised exp takes a slow path for them (and for arguments right at the
+    edge): ~15x slower, which made exp most of the time of a step at d_max = 99. The floor is
+    e^0.5 x the smallest normal number, 1.9e-38 in float32 (3.7e-308 in float64), so eps moves
+    by less than d_max * max|f| times that, far below the rounding of any eps an encoder gives.
+    """
+    floor = math.log(torch.finfo(log_weight.dtype).tiny) + 0.5
+    return log_weight.clamp_min_(floor).exp_()   # clamp_min_: clamp_ has no vmap rule
+
+
+class _EchoNoise(torch.autograd.Function):
+    """eps_i = sum_l w_il f_{j(i,l)} (Eq. 2-3) in ECHO_CHUNKS pieces along the echo order l.
+
+    inputs: f, log_s [B, D] and the echo order from `_shifted_order` ([d_max + 1, B] int64,
+    drawn outside, so the Function itself is deterministic). outputs: eps [B, D] and the
+    log-prefixes at the start of each piece ([pieces, B, D], not differentiable), which the
+    backward needs to rebuild the weights piece by piece.
+
+    Memory. The forward holds at most two [c, B, D] tensors of a piece at a time (log-weights
+    turned into weights in place, and the gathered f), c = ceil(d_max / 4), and carries the
+    running log-prefix [B, D] across pieces. Autograd keeps only f, log_s, the echo order and
+    the prefixes. The backward recomputes each piece's weights (the same ops on the same
+    inputs, so the same values bit for bit), going from the last piece to the first with the
+    suffix sum R_i = sum_{l beyond the piece} w_il f_il. The gradients, with g = d loss/d eps:
+        d/d f_{j(i,l)}     += g_i w_il
+        d/d log_s_{j(i,k)} += g_i sum_{l>k} w_il f_il     (an exclusive reverse cumsum)
+    scattered with index_add (deterministic on CPU; the reference's index_select backward is
+    the same op). Double backward is not supported (no method needs it): the backward runs
+    as `once_differentiable`, and differentiating it raises.
+    """
+
+    generate_vmap_rule = True   # works under torch.func.vmap, as echo/ensemble.py uses it
+
+    @staticmethod
+    def forward(f: Tensor, log_s: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+        batch, dim = f.shape
+        eps = prefix = None
+        prefixes = []
+        for a, b in _pieces(order.shape[0] - 1):
+            weight = _log_weights(log_s, order, a, b, prefix)
+            prefixes.append(weight[0].clone())
+            if b < order.shape[0] - 1:
+                # log-prefix of the next piece: the last exclusive sum plus the last log S.
+                prefix = weight[-1] + log_s.index_select(0, order[b])
+            _exp_weights(weight).mul_(f.index_select(0, order[a + 1:b + 1].reshape(-1))
+                                 .view(b - a, batch, dim))
+            part = weight.sum(0)
+            del weight
+            eps = part if eps is None else eps.add_(part)
+        return eps, torch.stack(prefixes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        f, log_s, order = inputs
+        _, prefixes = output
+        ctx.mark_non_differentiable(prefixes)
+        # No zero-filled [pieces, B, D] gradient for `prefixes` in the backward (it is None).
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(f, log_s, order, prefixes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_eps: Tensor, _grad_prefixes) -> tuple[Tensor | None, Tensor | None, None]:
+        if grad_eps is None:   # an undefined (all-zero) gradient: grads materialize to None
+            return None, None, None
+        f, log_s, order, prefixes = ctx.saved_tensors
+        batch, dim = f.shape
+        want_f, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_f = torch.zeros_like(f) if want_f else None
+        grad_s = torch.zeros_like(log_s) if want_s else None
+        g = grad_eps.unsqueeze(0)
+        suffix = None   # R_i: sum of w_il f_il over the pieces after this one
+        pieces = _pieces(order.shape[0] - 1)
+        for p in reversed(range(len(pieces))):
+            a, b = pieces[p]
+            where = order[a + 1:b + 1].reshape(-1)
+            weight = _exp_weights(_log_weights(log_s, order, a, b, None if a == 0 else prefixes[p]))
+            term = f.index_select(0, where).view(b - a, batch, dim).mul_(weight)  # w_il f_il
+            if want_f:
+                # Out-of-place index_add ([B, D], small): in place would fail under vmap when
+                # only the gradient is batched.
+                grad_f = grad_f.index_add(0, where, weight.mul_(g).view(-1, dim))
+            del weight
+            if want_s:
+                # sum_{l>k} t_l = (R + sum of the piece) - (inclusive cumsum up to k), in place
+                # of autograd's flip-cumsum-flip; the difference is off by about one ulp of
+                # R + sum |t|, where |t_l| <= max|f| prod S decays geometrically along l.
+                # Then d/d log_s_{j(i,k)} = g_i sum_{l>k} t_l = (cumsum - total) * (-g).
+                term = term.cumsum(0)   # not cumsum_ (no vmap rule); `weight` is gone
+                total = term[-1].clone() if suffix is None else suffix + term[-1]
+                grad_s = grad_s.index_add(0, where, term.sub_(total).mul_(-g).view(-1, dim))
+                suffix = total
+            del term
+        return grad_f, grad_s, None
 
 
 def echo_sample(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: bool = False,
