@@ -1,6 +1,7 @@
 """The speed benchmarks of issue 7, measured in one run on one device.
 
     python -m benchmarks [--quick] [--device cpu|cuda] [--only echo_vs_vae_step,...] [--compile]
+                         [--cuda-graph]
 
 Prints a table and then one JSON line whose keys are the figures below; every figure carries the
 device it ran on. Timings are medians of repetitions that interleave the things compared, so
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +50,13 @@ REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("echo_vs_vae_step", "epoch_overhead", "images_per_s", "sweep_overhead",
            "ensemble_speedup", "echo_noise_memory")
 BATCH, LATENT, ENSEMBLE_K = 100, 32, 8
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the models run: `torch.compile` and/or whole-step CUDA graphs (CUDA only)."""
+    compile: bool = False
+    cuda_graph: bool = False
 
 
 # --------------------------------------------------------------------------- device and timing
@@ -82,8 +91,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def interleaved_medians(steps: dict[str, Callable[[], object]], device: torch.device, *,
-                        reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, timed in rotating order within every repetition."""
+                        reps: int, warmup: int = 2, inner: int | None = None) -> dict[str, float]:
+    """Median seconds of each callable, timed in rotating order within every repetition.
+    A repetition runs each callable `inner` times (default: 20 on CUDA, where one
+    millisecond-long step is too short to time alone, else 1) before synchronising."""
+    inner = inner or (20 if device.type == "cuda" else 1)
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -94,9 +106,10 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], device: torch.de
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            steps[name]()
+            for _ in range(inner):
+                steps[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -123,23 +136,38 @@ def _cpu_images(n: int) -> tuple[torch.Tensor, str]:
     return (torch.rand(n, 1, 28, 28, generator=generator) < 0.13).float(), "synthetic"
 
 
-def make_stepper(model: torch.nn.Module, x: torch.Tensor, beta: float = 1.0) -> Callable[[], None]:
-    """One training step: forward, backward, Adam (the paper's optimiser and learning rate)."""
+def make_stepper(model: torch.nn.Module, x: torch.Tensor, beta: float = 1.0,
+                 opts: Options = Options()) -> Callable[[], object]:
+    """One training step: forward, backward, Adam (the paper's optimiser and learning rate),
+    replayed as a CUDA graph with `opts.cuda_graph` (as `echo.train.fit` does)."""
+    return make_batch_stepper(model, beta, opts, x.device, lambda out: out.loss)(x)
+
+
+def make_batch_stepper(model: torch.nn.Module, beta, opts: Options, device: torch.device,
+                       loss=lambda out: out.loss):
+    """stepper(x) -> a callable doing one training step on x; all share one model and Adam."""
+    from echo.graphs import GraphedStep, graph_ready_adam
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    graphs = opts.cuda_graph and device.type == "cuda"
+    if graphs:
+        graph_ready_adam(optimizer, device)
 
-    def step() -> None:
-        out = model(x, beta)
+    def train_step(xb: torch.Tensor) -> torch.Tensor:
+        out = model(xb) if beta is None else model(xb, beta)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        value = loss(out)
+        value.backward()
         optimizer.step()
-    return step
+        return value.detach()
+    step = GraphedStep(train_step, enabled=graphs)
+    return lambda xb: (lambda: step(xb))
 
 
-def build(method: str, device: torch.device, arch: str = "conv", compile: bool = False,
+def build(method: str, device: torch.device, arch: str = "conv", opts: Options = Options(),
           input_shape=(1, 28, 28)):
     torch.manual_seed(0)
     model = build_model(method, arch=arch, latent_dim=LATENT, input_shape=input_shape).to(device)
-    if compile:
+    if opts.compile:
         from echo.train import compile_model
         return compile_model(model, device)
     return model
@@ -147,65 +175,71 @@ def build(method: str, device: torch.device, arch: str = "conv", compile: bool =
 
 # --------------------------------------------------------------------------- figures
 
-def bench_echo_vs_vae_step(device: torch.device, quick: bool, compile: bool) -> dict:
+def bench_echo_vs_vae_step(device: torch.device, quick: bool, opts: Options) -> dict:
     x, source = benchmark_images(BATCH, device)
-    steps = {m: make_stepper(build(m, device, compile=compile), x) for m in ("echo", "vae")}
-    med = interleaved_medians(steps, device, reps=6 if quick else 30, warmup=2 if quick else 3)
+    steps = {m: make_stepper(build(m, device, opts=opts), x, opts=opts) for m in ("echo", "vae")}
+    reps = 6 if quick else 30
+    med = interleaved_medians(steps, device, reps=reps, warmup=5)
     return {"ratio": med["echo"] / med["vae"], "echo_step_ms": 1e3 * med["echo"],
             "vae_step_ms": 1e3 * med["vae"], "batch": BATCH, "latent_dim": LATENT,
             "arch": "conv", "data": source, "target": 1.05 if device.type == "cuda" else 1.10}
 
 
-def bench_images_per_s(device: torch.device, quick: bool, compile: bool) -> dict:
+def bench_images_per_s(device: torch.device, quick: bool, opts: Options) -> dict:
     x, source = benchmark_images(BATCH, device)
     steps, errors = {}, {}
     for method in sorted(METHODS):
         try:
-            steps[method] = make_stepper(build(method, device, compile=compile), x)
+            steps[method] = make_stepper(build(method, device, opts=opts), x, opts=opts)
             steps[method]()
         except Exception as err:  # a method that cannot build or step is reported, not fatal
             errors[method] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             steps.pop(method, None)
-    med = interleaved_medians(steps, device, reps=3 if quick else 10, warmup=1)
+    med = interleaved_medians(steps, device, reps=3 if quick else 10,
+                              warmup=5 if device.type == "cuda" else 1)
     result = {m: BATCH / t for m, t in med.items()}
     return {"per_method": result, "batch": BATCH, "arch": "conv", "data": source,
             **({"errors": errors} if errors else {})}
 
 
-def bench_epoch_overhead(device: torch.device, quick: bool, compile: bool) -> dict:
+def bench_epoch_overhead(device: torch.device, quick: bool, opts: Options) -> dict:
     """fit's epoch wall time over the pure step time of the same number of steps.
 
     One `fit` run; after each of its epochs (`on_epoch`) a pure epoch runs: the same model
-    architecture and optimiser, forward + backward + Adam over pre-sliced batches, nothing else;
-    then the test evaluation alone is timed. Fit and pure epochs thus alternate closely, so that
-    a shared machine's load swings hit both; the figure is the median over epochs (the first,
-    warm-up epoch left out) of fit epoch / pure epoch. The test split is a fifth of the training
-    split, as in binary MNIST (50k / 10k), so the evaluation share is that of a real epoch; the
-    figure is given with and without it.
+    architecture and optimiser (and the same `opts`), forward + backward + Adam over pre-sliced
+    batches, nothing else; then the test evaluation alone is timed. Fit and pure epochs thus
+    alternate closely, so that a shared machine's load swings hit both; the figure is the
+    median over epochs (the first, warm-up epoch left out) of fit epoch / pure epoch. The test
+    split is a fifth of the training split, as in binary MNIST (50k / 10k), so the evaluation
+    share is that of a real epoch; the figure is given with and without it. On CUDA the epoch
+    is binary MNIST's full 50k / 10k, and `fit_images_per_s` is the training throughput of
+    `fit` itself, test evaluation included (issue 7's 40,000 images/s target).
     """
-    from echo.train import TrainConfig, evaluate, fit
-    n_train = 1000 if quick else 3000
+    from echo.train import TrainConfig, evaluate, evaluation_step, fit
+    from echo.graphs import GraphedStep
+    if device.type == "cuda":
+        n_train = 10000 if quick else 50000
+    else:
+        n_train = 1000 if quick else 3000
     n_test = n_train // 5
     epochs = 3 if quick else 5
     x, source = benchmark_images(n_train + n_test, torch.device("cpu"))
     x_train, x_test = x[:n_train].to(device), x[n_train:].to(device)
-    model = build("echo", device, compile=compile)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-    batches = [x_train[i:i + BATCH].contiguous() for i in range(0, n_train, BATCH)]
+    model = build("echo", device, opts=opts)
+    stepper = make_batch_stepper(model, 1.0, opts, device)
+    pure_steps = [stepper(x_train[i:i + BATCH].contiguous()) for i in range(0, n_train, BATCH)]
+    eval_step = GraphedStep(evaluation_step(model, 1.0), enabled=opts.cuda_graph)
     pure, evaluation, fit_epochs = [], [], []
 
     def pure_epoch(epoch: int, metrics: dict, state) -> None:
         fit_epochs.append(metrics["epoch_seconds"])
         synchronize(device)
         start = time.perf_counter()
-        for xb in batches:
-            out = model(xb, 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+        for step in pure_steps:
+            step()
         synchronize(device)
         middle = time.perf_counter()
-        evaluate(model, x_test, BATCH, 1.0)
+        evaluate(model, x_test, BATCH, 1.0, step=eval_step)
         synchronize(device)
         pure.append(middle - start)
         evaluation.append(time.perf_counter() - middle)
@@ -217,20 +251,21 @@ def bench_epoch_overhead(device: torch.device, quick: bool, compile: bool) -> di
                  test_x=x[n_train:].numpy(), test_y=y[n_train:])
         config = TrainConfig(method="echo", dataset="binary_mnist", prepared=str(npz), arch="conv",
                              epochs=epochs, batch_size=BATCH, device=str(device), progress=False,
-                             compile=compile)
+                             compile=opts.compile, cuda_graph=opts.cuda_graph)
         fit(config, on_epoch=pure_epoch)
     pairs = list(zip(fit_epochs, pure, evaluation))[1:]
+    epoch_s = statistics.median(f for f, _, _ in pairs)
     return {"ratio": statistics.median(f / p for f, p, _ in pairs),
             "ratio_without_eval": statistics.median((f - e) / p for f, p, e in pairs),
-            "epoch_s": statistics.median(f for f, _, _ in pairs),
+            "epoch_s": epoch_s, "fit_images_per_s": n_train / epoch_s,
             "eval_s": statistics.median(e for _, _, e in pairs),
             "pure_steps_s": statistics.median(p for _, p, _ in pairs),
-            "epochs_timed": len(pairs), "steps": len(batches), "train_examples": n_train,
+            "epochs_timed": len(pairs), "steps": len(pure_steps), "train_examples": n_train,
             "test_examples": n_test, "method": "echo", "arch": "conv", "data": source,
             "target": 1.10}
 
 
-def bench_sweep_overhead(device: torch.device, quick: bool, compile: bool) -> dict:
+def bench_sweep_overhead(device: torch.device, quick: bool, opts: Options) -> dict:
     try:
         from benchmarks.sweep_overhead import measure_sweep_overhead
     except ImportError as err:
@@ -240,7 +275,7 @@ def bench_sweep_overhead(device: torch.device, quick: bool, compile: bool) -> di
     return result
 
 
-def bench_ensemble_speedup(device: torch.device, quick: bool, compile: bool) -> dict:
+def bench_ensemble_speedup(device: torch.device, quick: bool, opts: Options) -> dict:
     """Images/s of K members as one ensemble over K separate models (K x one step), for both
     ensemble strategies; the headline is the strategy `auto` picks on this device."""
     from echo.ensemble import Ensemble, default_strategy
@@ -251,19 +286,13 @@ def bench_ensemble_speedup(device: torch.device, quick: bool, compile: bool) -> 
     result = {"k": ENSEMBLE_K, "betas": betas, "batch": BATCH, "data": source,
               "auto_strategy": default_strategy(device)}
     for arch in ("conv", "mlp"):
-        steps = {"single": make_stepper(build("echo", device, arch=arch), x[:BATCH])}
+        steps = {"single": make_stepper(build("echo", device, arch=arch, opts=opts), x[:BATCH],
+                                        opts=opts)}
         for strategy in ("vmap", "loop"):
             ensemble = Ensemble.build("echo", betas, arch=arch, latent_dim=LATENT,
                                       input_shape=shape, seeds=list(range(ENSEMBLE_K)),
-                                      device=device, strategy=strategy, compile=compile)
-            optimizer = torch.optim.Adam(ensemble.parameters(), lr=3e-4)
-
-            def ensemble_step(ensemble=ensemble, optimizer=optimizer) -> None:
-                out = ensemble(xs)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-            steps[strategy] = ensemble_step
+                                      device=device, strategy=strategy, compile=opts.compile)
+            steps[strategy] = make_batch_stepper(ensemble, None, opts, device)(xs)
         reps = (2 if quick else 6) if arch == "conv" else (5 if quick else 20)
         med = interleaved_medians(steps, device, reps=reps, warmup=1)
         separate = BATCH / med["single"]          # K separate runs, one after the other
@@ -307,7 +336,7 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
 
-def bench_echo_noise_memory(device: torch.device, quick: bool, compile: bool) -> dict:
+def bench_echo_noise_memory(device: torch.device, quick: bool, opts: Options) -> dict:
     from echo.noise import echo_sample
     batch, d_max, dim = BATCH, BATCH - 1, LATENT
     torch.manual_seed(0)
@@ -333,7 +362,7 @@ def bench_echo_noise_memory(device: torch.device, quick: bool, compile: bool) ->
     return result
 
 
-BENCHMARKS: dict[str, Callable[[torch.device, bool, bool], dict]] = {
+BENCHMARKS: dict[str, Callable[[torch.device, bool, Options], dict]] = {
     "echo_vs_vae_step": bench_echo_vs_vae_step,
     "epoch_overhead": bench_epoch_overhead,
     "images_per_s": bench_images_per_s,
@@ -374,7 +403,7 @@ def headline(name: str, result: dict) -> str:
     return json.dumps(result)[:120]
 
 
-def run(names: list[str], device: torch.device, quick: bool, compile: bool,
+def run(names: list[str], device: torch.device, quick: bool, opts: Options = Options(),
         log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     label = describe_device(device)
     results: dict[str, dict] = {}
@@ -382,7 +411,7 @@ def run(names: list[str], device: torch.device, quick: bool, compile: bool,
         log(f"[benchmarks] {name} on {label} ...")
         start = time.perf_counter()
         try:
-            result = BENCHMARKS[name](device, quick, compile)
+            result = BENCHMARKS[name](device, quick, opts)
         except Exception as err:  # one broken figure must not hide the others
             result = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
         result.setdefault("device", label)     # the sweep benchmark names its own (CPU) device
@@ -410,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(FIGURES)}")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the models (falls back to eager where it cannot)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms once per shape and keep the fastest")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each training step as one CUDA graph (CUDA only; as fit does)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -418,11 +451,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--only: unknown figure(s) {unknown}; choose from {list(FIGURES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = resolve_device(args.device)
-    results = _round(run(names, device, args.quick, args.compile))
+    opts = Options(compile=args.compile, cuda_graph=args.cuda_graph)
+    results = _round(run(names, device, args.quick, opts))
     width = max(len(n) for n in names)
     print(f"{'figure':<{width}}  result  [device]")
     for name, result in results.items():
         print(f"{name:<{width}}  {headline(name, result)}  [{result['device']}]")
-    print(json.dumps({"quick": args.quick, "compile": args.compile, **results}))
+    print(json.dumps({"quick": args.quick, "compile": args.compile,
+                      "cuda_graph": args.cuda_graph, "cudnn_benchmark": args.cudnn_benchmark,
+                      **results}))
     return 0

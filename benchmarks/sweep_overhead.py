@@ -33,7 +33,7 @@ from pathlib import Path
 QUICK_EPOCHS, FULL_EPOCHS = 10, 300
 
 
-def measure_sweep_overhead(quick: bool) -> dict:
+def measure_sweep_overhead(quick: bool, sweep_options: dict | None = None) -> dict:
     import ray
     from ray import tune
 
@@ -60,7 +60,8 @@ def measure_sweep_overhead(quick: bool) -> dict:
         "data": {"dataset": "digits"},
         "train": {"epochs": epochs, "batch_size": 100},
         "sweep": {"name": "overhead", "methods": ["echo"], "betas": betas, "archs": ["mlp"],
-                  "latent_dims": [32], "max_concurrent": slots, "resources": {"cpu": 1}},
+                  "latent_dims": [32], "max_concurrent": slots, "resources": {"cpu": 1},
+                  **(sweep_options or {})},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "overhead"},
     })
     times = EpochTimes()

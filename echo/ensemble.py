@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .graphs import GraphedStep, graph_ready_adam, portable_optimizer_state
 from .methods import Autoencoder
 from .train import (FitResult, NonFiniteLossError, TrainConfig, _atomic_write, batches,
                     device_data, lr_factor, make_model, resolve_device, save_checkpoint)
@@ -205,14 +206,23 @@ class Ensemble(nn.Module):
         return {"state": state, "param_groups": groups}
 
 
+def member_metric_sums(out: EnsembleOutput) -> Tensor:
+    """[K, 2]: each member's summed rate and distortion over its batch, left on the device."""
+    return torch.stack([out.rate.sum(1), out.distortion.sum(1)], 1).detach()
+
+
 @torch.no_grad()
-def evaluate_ensemble(ensemble: Ensemble, x: Tensor, batch_size: int) -> list[dict]:
-    """Per member: mean rate, distortion and -ELBO (nats) over the same data set."""
+def evaluate_ensemble(ensemble: Ensemble, x: Tensor, batch_size: int, *,
+                      step: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
+    """Per member: mean rate, distortion and -ELBO (nats) over the same data set. `step`: the
+    batch function (default: every member encodes the batch; a `GraphedStep` can wrap it)."""
+    if step is None:
+        def step(batch: Tensor) -> Tensor:
+            return member_metric_sums(ensemble(batch, shared=True))
     ensemble.eval()
     sums = torch.zeros(ensemble.k, 2, dtype=torch.float64, device=x.device)
     for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
-        out = ensemble(x[idx], shared=True)
-        sums += torch.stack([out.rate.sum(1), out.distortion.sum(1)], 1)
+        sums += step(x[idx])
     ensemble.train()
     return [_metrics(row, len(x)) for row in sums]
 
@@ -255,12 +265,29 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
     ensemble = Ensemble(models, [c.beta for c in configs], strategy=strategy,
                         compile=config.compile).to(device)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=config.lr)
+    graphs = config.cuda_graph and device.type == "cuda"
+    if graphs:
+        graph_ready_adam(optimizer, device)
     sizes = [len(i) for i in batches(len(x_train), config.batch_size, shuffle=False)]
     total_steps = config.epochs * len(sizes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, config.lr_decay_start))
     torch.manual_seed(configs[0].seed)
     histories: list[list[dict]] = [[] for _ in range(k)]
+
+    def train_step(x: Tensor) -> Tensor:
+        out = ensemble(x)                                       # x: [K, B, ...]
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        return member_metric_sums(out)
+
+    @torch.no_grad()
+    def eval_step(x: Tensor) -> Tensor:
+        return member_metric_sums(ensemble(x, shared=True))
+
+    step = GraphedStep(train_step, enabled=graphs)
+    eval_step = GraphedStep(eval_step, enabled=graphs)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         # Every member its own batch order, as K separate runs would have.
@@ -268,12 +295,8 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
         sums = torch.zeros(k, 2, dtype=torch.float64, device=device)
         seen = 0
         for idx in order.split(sizes, dim=1):
-            out = ensemble(x_train[idx])                       # x: [K, B, ...]
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            sums += step(x_train[idx])
             scheduler.step()
-            sums += torch.stack([out.rate.sum(1), out.distortion.sum(1)], 1).detach()
             seen += idx.shape[1]
         train = [_metrics(row, seen) for row in sums]
         bad = [i for i, m in enumerate(train) if not all(math.isfinite(v) for v in m.values())]
@@ -281,11 +304,11 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {epoch} for ensemble member(s) {bad} "
                 f"(beta {[configs[i].beta for i in bad]}); drop or lower those betas")
-        test = evaluate_ensemble(ensemble, x_test, config.batch_size)
+        test = evaluate_ensemble(ensemble, x_test, config.batch_size, step=eval_step)
         seconds = time.perf_counter() - start
         epoch_metrics = []
         for i in range(k):
-            metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+            metrics = {"epoch": epoch, "lr": float(optimizer.param_groups[0]["lr"]),
                        "epoch_seconds": seconds, "member": i, "beta": configs[i].beta,
                        "seed": configs[i].seed,
                        **{f"train_{n}": v for n, v in train[i].items()},
@@ -308,7 +331,8 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
             out = Path(config.out) / f"member_{i}"
             out.mkdir(parents=True, exist_ok=True)
             state = {"model": {n: t.cpu() for n, t in model.state_dict().items()},
-                     "optimizer": ensemble.member_optimizer_state(optimizer, i),
+                     "optimizer": portable_optimizer_state(
+                         ensemble.member_optimizer_state(optimizer, i)),
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                      "epoch": len(histories[i]), "history": histories[i],
                      "config": asdict(member_config), "input_shape": list(input_shape)}

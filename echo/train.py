@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .data import load_dataset, load_prepared
+from .graphs import GraphCaptureError, GraphedStep, graph_ready_adam, portable_optimizer_state
 from .methods import Autoencoder, build_model
 
 METRIC_NAMES = ("rate", "distortion", "neg_elbo")
@@ -54,6 +55,7 @@ class TrainConfig:
     out: str | None = None              # directory for metrics.json and checkpoint.pt
     progress: bool = True
     compile: bool = False               # torch.compile the training step on CUDA (eager elsewhere)
+    cuda_graph: bool = False            # replay each step as one CUDA graph (eager elsewhere)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "latent_dim"):
@@ -169,14 +171,29 @@ class _EagerFallback:
         return self.eager(*args, **kwargs)
 
 
+def metric_sums(out) -> Tensor:
+    """[summed rate, summed distortion] of a batch, kept on the device until the epoch ends."""
+    return torch.stack([out.rate.sum(), out.distortion.sum()]).detach()
+
+
+def evaluation_step(model: Autoencoder, beta: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """The metric sums of one evaluation batch, without gradients (a `GraphedStep` can wrap it)."""
+    @torch.no_grad()
+    def step(x: Tensor) -> Tensor:
+        return metric_sums(model(x, beta))
+    return step
+
+
 @torch.no_grad()
-def evaluate(model: Autoencoder, x: Tensor, batch_size: int, beta: float = 1.0) -> dict:
-    """Mean rate, distortion and -ELBO (nats) over a data set, without gradients."""
+def evaluate(model: Autoencoder, x: Tensor, batch_size: int, beta: float = 1.0, *,
+             step: Callable[[Tensor], Tensor] | None = None) -> dict:
+    """Mean rate, distortion and -ELBO (nats) over a data set, without gradients.
+    `step`: the batch function to use (default `evaluation_step(model, beta)`)."""
+    step = step if step is not None else evaluation_step(model, beta)
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=x.device)
     for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
-        out = model(x[idx], beta)
-        sums += torch.stack([out.rate.sum(), out.distortion.sum()])
+        sums += step(x[idx])
     model.train()
     return _mean_metrics(sums, len(x))
 
@@ -240,6 +257,9 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     model = make_model(config, input_shape).to(device)
     step_model = compile_model(model, device) if config.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    graphs = config.cuda_graph and device.type == "cuda"
+    if graphs:
+        graph_ready_adam(optimizer, device)
     steps_per_epoch = len(batches(len(x_train), config.batch_size, shuffle=False))
     total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -249,6 +269,8 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if graphs:
+            graph_ready_adam(optimizer, device)
         scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
         history = list(resume["history"])
@@ -257,10 +279,23 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     def state() -> dict:
         # A snapshot: state_dict() tensors and `history` are live objects that later steps
         # would change under a caller who keeps the dict.
-        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                              "epoch": len(history), "history": history,
-                              "config": asdict(config), "input_shape": list(input_shape)})
+        snapshot = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(),
+                                  "rng": torch.get_rng_state(), "epoch": len(history),
+                                  "history": history, "config": asdict(config),
+                                  "input_shape": list(input_shape)})
+        portable_optimizer_state(snapshot["optimizer"])
+        return snapshot
+
+    def train_step(x: Tensor) -> Tensor:
+        out = step_model(x, config.beta)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        return metric_sums(out)
+
+    step = GraphedStep(train_step, enabled=graphs)
+    eval_step = GraphedStep(evaluation_step(model, config.beta), enabled=graphs)
 
     progress = _progress(config, first_epoch)
     for epoch in range(first_epoch, config.epochs + 1):
@@ -268,18 +303,14 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         seen = 0
         for idx in batches(len(x_train), config.batch_size, shuffle=True, device=device):
-            out = step_model(x_train[idx], config.beta)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            sums += step(x_train[idx])
             scheduler.step()
-            sums += torch.stack([out.rate.sum(), out.distortion.sum()]).detach()
             seen += len(idx)
         train = _mean_metrics(sums, seen)
         if not all(math.isfinite(v) for v in train.values()):
             raise NonFiniteLossError(f"non-finite training loss at epoch {epoch} ({train})")
-        test = evaluate(model, x_test, config.batch_size, config.beta)
-        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+        test = evaluate(model, x_test, config.batch_size, config.beta, step=eval_step)
+        metrics = {"epoch": epoch, "lr": float(optimizer.param_groups[0]["lr"]),
                    "epoch_seconds": time.perf_counter() - start,
                    **{f"train_{k}": v for k, v in train.items()},
                    **{f"test_{k}": v for k, v in test.items()}}
@@ -350,17 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile on CUDA (eager on CPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each training step as one CUDA graph (eager on CPU)")
     args = p.parse_args(argv)
     try:
         config = TrainConfig(method=args.method, dataset=args.dataset, data_root=args.data_root,
                              arch=args.arch, latent_dim=args.latent_dim, beta=args.beta,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, device=args.device, train_limit=args.train_limit,
-                             test_limit=args.test_limit, method_options=dict(args.option),
+                             test_limit=args.test_limit, method_options=dict(args.option), cuda_graph=args.cuda_graph,
                              out=args.out, progress=not args.no_progress,
                              compile=args.compile)
         result = fit(config)
-    except (ValueError, NonFiniteLossError) as err:
+    except (ValueError, NonFiniteLossError, GraphCaptureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result.metrics))

@@ -64,6 +64,7 @@ class TrainParams(Strict):
     device: str = "auto"
     d_max: int | None = Field(None, ge=1)   # Echo terms; None: batch_size - 1
     replace: bool = False                   # Echo noise drawn with replacement
+    cuda_graph: bool = False                # replay each step as one CUDA graph (GPU trials)
 
 
 class Range(Strict):
@@ -111,6 +112,9 @@ class SweepParams(Strict):
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     checkpoint_every: int = Field(5, ge=1)
+    # ...but not more often than this: a trial of many short epochs would otherwise spend its
+    # time writing checkpoints (a crash loses at most max(checkpoint_every epochs, this)).
+    checkpoint_min_interval_s: float = Field(30.0, ge=0)
     storage_path: str = "ray_results"
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=2)

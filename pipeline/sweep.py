@@ -10,7 +10,8 @@ Design (docs/sweep.md explains it at length):
   (`OptunaSearch`, TPE) per grid point for lr / clip_factor. The full grid is always covered,
   and each study learns from the trials of its own (method, beta, ...) only.
 - `train_trial` (runs in a Ray worker) calls `echo.train.fit`, reports every epoch, writes a
-  Tune checkpoint every `sweep.checkpoint_every` epochs and at the end, and resumes from
+  Tune checkpoint every `sweep.checkpoint_every` epochs (at most one per
+  `sweep.checkpoint_min_interval_s` seconds) and at the end, and resumes from
   `tune.get_checkpoint()`. A NaN/inf loss ends the trial with status "nonfinite"; other
   exceptions crash it and Tune retries it (`FailureConfig`).
 - The experiment lives in `<storage_path>/<name>`; if it exists, the sweep is resumed with
@@ -211,13 +212,14 @@ def train_config(config: dict) -> TrainConfig:
         beta=config["beta"], epochs=config["epochs"], batch_size=config["batch_size"],
         lr=config["lr"], lr_decay_start=config["lr_decay_start"], seed=config["seed"],
         device=config["device"], train_limit=config["train_limit"],
-        test_limit=config["test_limit"], method_options=options, progress=False)
+        test_limit=config["test_limit"], method_options=options, progress=False,
+        cuda_graph=config["cuda_graph"])
 
 
 def train_trial(config: dict) -> None:
     """One trial: fit with per-epoch reports and Tune checkpoints; resumes when Tune restarts it."""
     cfg = train_config(config)
-    every = config["checkpoint_every"]
+    every, min_interval = config["checkpoint_every"], config["checkpoint_min_interval_s"]
     given = tune.get_checkpoint()
     checkpoint = newest_trial_checkpoint(given)
     resume = None
@@ -247,13 +249,17 @@ def train_trial(config: dict) -> None:
         if done["epochs"] >= cfg.epochs:
             return
 
+    saved = {"at": time.monotonic()}
+
     def on_epoch(epoch: int, metrics: dict, state) -> None:
         done["epochs"] = epoch
         report = epoch_report(metrics)
         last = epoch == cfg.epochs
-        if not (last or epoch % every == 0):
+        due = epoch % every == 0 and time.monotonic() - saved["at"] >= min_interval
+        if not (last or due):
             tune.report(report)
             return
+        saved["at"] = time.monotonic()
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder) / MODEL_FILE, state())
             if last:
@@ -356,6 +362,8 @@ def trial_base(params: Params, root: Path) -> dict:
         # ASHA stops trials at any epoch: checkpoint every epoch so the kept model matches
         # the trial's last metrics.
         "checkpoint_every": 1 if params.sweep.asha else params.sweep.checkpoint_every,
+        "checkpoint_min_interval_s": 0 if params.sweep.asha else params.sweep.checkpoint_min_interval_s,
+        "cuda_graph": params.train.cuda_graph,
     }
 
 
@@ -374,7 +382,7 @@ def fingerprint(params: Params, root: Path | None = None) -> dict:
     # download / check_sizes cannot change the data; every other data field can.
     data = params.data.model_dump(exclude={"download", "check_sizes"})
     return {"data": {**data, "prepared_sha256": data_sha256},
-            "train": params.train.model_dump(exclude={"device"}),
+            "train": params.train.model_dump(exclude={"device", "cuda_graph"}),
             "sweep": params.sweep.model_dump(include={
                 "methods", "betas", "archs", "latent_dims", "search", "asha",
                 "train_limit", "test_limit"})}

@@ -41,7 +41,8 @@ def tiny_params(name: str, **sweep) -> Params:
         "train": {"epochs": 2, "batch_size": 50, "lr": 3e-3, **sweep.pop("train", {})},
         "sweep": {"name": name, "methods": ["echo", "vae"], "betas": [0.5, 1.0],
                   "latent_dims": [4], "archs": ["mlp"], "train_limit": 150, "test_limit": 60,
-                  "max_concurrent": 2, "checkpoint_every": 1, **sweep},
+                  "max_concurrent": 2, "checkpoint_every": 1, "checkpoint_min_interval_s": 0,
+                  **sweep},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "test"},
     })
 
@@ -89,9 +90,15 @@ class InterruptAfterFirstTrial(EpochLog):
 
 def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
     # Optuna picks lr (every trial) and the clipping factor (Echo trials) inside the ranges.
+    # checkpoint_every=1, but at most one checkpoint an hour: only the final one is written.
     params = tiny_params("grid", search={"lr": {"low": 1e-3, "high": 1e-2},
-                                         "clip_factor": {"low": 0.4, "high": 0.7}})
+                                         "clip_factor": {"low": 0.4, "high": 0.7}},
+                         checkpoint_min_interval_s=3600)
     table = run_sweep(params, tmp_path, verbose=0)
+    trial_dirs = list((tmp_path / "ray_results" / "grid").glob("*_mlp_z4"))
+    assert len(trial_dirs) == 4
+    for trial_dir in trial_dirs:
+        assert len(list(trial_dir.glob("checkpoint_*"))) == 1, trial_dir
 
     csv = pd.read_csv(tmp_path / "results/sweep.csv", keep_default_na=False)
     assert list(csv.columns) == CSV_COLUMNS
@@ -179,6 +186,8 @@ def test_asha_stops_only_worse_samples_of_the_same_grid_point():
 def test_changed_settings_start_a_new_experiment_and_keep_the_old_one(tmp_path):
     base = fingerprint(tiny_params("x"))
     assert fingerprint(tiny_params("x", max_concurrent=1, resources={"cpu": 2})) == base
+    assert fingerprint(tiny_params("x", checkpoint_min_interval_s=5,
+                                   train={"cuda_graph": True})) == base
     assert fingerprint(tiny_params("x", betas=[2.0])) != base
     prepared = tmp_path / "data/prepared/digits.npz"      # new data from the prepare stage
     prepared.parent.mkdir(parents=True)

@@ -1,0 +1,178 @@
+"""GPU tuning table: the conv training step under every backend setting worth trying.
+
+    python -m benchmarks.gpu_variants [--compile]
+
+For `echo` and `vae` (conv, batch 100, 32 latents), every step replayed as a CUDA graph (as
+`fit(cuda_graph=True)` does), it times one training step for each combination of
+  - cudnn.benchmark off / on (cuDNN times its algorithms once per shape and keeps the fastest),
+  - memory format NCHW / channels_last (NHWC: the layout of cuDNN's tensor-core kernels),
+  - float32 (TF32 convolutions, PyTorch's default) / bfloat16 autocast,
+  - for echo: the chunked Echo noise (`echo_noise`, <= 1 x B*d_max*D floats) and the
+    one-shot vectorised one (`echo_noise_reference`, fewer kernels, ~5 x the memory),
+and the 8-member vmap ensemble (conv echo) against 8 separate graphed runs, cudnn.benchmark
+off / on. Prints a table and a JSON line; images/s = 100 / step.
+It is a tuning aid: the settings it finds best become defaults only with a test behind them.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+
+from benchmarks.run import (BATCH, ENSEMBLE_K, LATENT, benchmark_images, describe_device,
+                            interleaved_medians)
+
+
+def graphed_stepper(model, x, beta, autocast: bool):
+    from echo.graphs import GraphedStep, graph_ready_adam
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    if x.device.type == "cuda":
+        graph_ready_adam(optimizer, x.device)
+
+    def train_step(xb):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(xb) if beta is None else model(xb, beta)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        return out.loss.detach()
+    step = GraphedStep(train_step)
+    return lambda: step(x)
+
+
+def build(method, fmt, device):
+    from echo import build_model
+    torch.manual_seed(0)
+    model = build_model(method, arch="conv", latent_dim=LATENT, input_shape=(1, 28, 28))
+    return model.to(device=device, memory_format=fmt)
+
+
+def time_variants(device, reps: int) -> list[dict]:
+    import echo.noise as noise
+    chunked = noise.echo_noise
+    reference = getattr(noise, "echo_noise_reference", None)
+    x, _ = benchmark_images(BATCH, device)
+    rows = []
+    for bench, fmt_name in itertools.product((False, True), ("nchw", "channels_last")):
+        torch.backends.cudnn.benchmark = bench
+        fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
+        xf = x.contiguous(memory_format=fmt)
+        steps, labels = {}, {}
+        for autocast in (False, True):
+            for method, impl in (("vae", None), ("echo", "chunked"), ("echo", "reference")):
+                if impl == "reference" and reference is None:
+                    continue
+                noise.echo_noise = reference if impl == "reference" else chunked
+                try:
+                    name = f"{method}/{impl or '-'}/{'bf16' if autocast else 'fp32'}"
+                    steps[name] = graphed_stepper(build(method, fmt, device), xf, 1.0, autocast)
+                    steps[name]()       # warm-up and capture under this noise implementation
+                    steps[name]()
+                    steps[name]()
+                    steps[name]()
+                    labels[name] = dict(method=method, noise=impl, precision="bf16" if autocast
+                                        else "fp32")
+                except Exception as err:  # noqa: BLE001 - a variant that fails is reported
+                    rows.append({"cudnn_benchmark": bench, "format": fmt_name, "variant": name,
+                                 "error": f"{type(err).__name__}: {err}".splitlines()[0][:200]})
+                    steps.pop(name, None)
+                finally:
+                    noise.echo_noise = chunked
+        med = interleaved_medians(steps, device, reps=reps, warmup=2)
+        for name, seconds in med.items():
+            rows.append({"cudnn_benchmark": bench, "format": fmt_name, "variant": name,
+                         **labels[name], "step_ms": 1e3 * seconds, "images_per_s": BATCH / seconds})
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def time_ensembles(device, reps: int) -> list[dict]:
+    """8 graphed separate runs against one graphed vmap ensemble (NCHW: vmap stacks the conv
+    weights into 5-D tensors, which have no channels_last layout)."""
+    from echo.ensemble import Ensemble
+    x, _ = benchmark_images(BATCH * ENSEMBLE_K, device)
+    betas = [0.25 * (i + 1) for i in range(ENSEMBLE_K)]
+    rows = []
+    for bench in (False, True):
+        torch.backends.cudnn.benchmark = bench
+        try:
+            single = graphed_stepper(build("echo", torch.contiguous_format, device), x[:BATCH],
+                                     1.0, False)
+            ensemble = Ensemble.build("echo", betas, arch="conv", latent_dim=LATENT,
+                                      input_shape=(1, 28, 28), seeds=list(range(ENSEMBLE_K)),
+                                      device=device, strategy="vmap")
+            stacked = graphed_stepper(ensemble, x.view(ENSEMBLE_K, BATCH, 1, 28, 28), None, False)
+            med = interleaved_medians({"single": single, "ensemble": stacked}, device,
+                                      reps=reps, warmup=5)
+            separate = BATCH / med["single"]
+            together = ENSEMBLE_K * BATCH / med["ensemble"]
+            rows.append({"cudnn_benchmark": bench, "format": "nchw",
+                         "separate_images_per_s": separate, "ensemble_images_per_s": together,
+                         "speedup": together / separate})
+        except Exception as err:  # noqa: BLE001
+            rows.append({"cudnn_benchmark": bench, "format": "nchw",
+                         "error": f"{type(err).__name__}: {err}".splitlines()[0][:200]})
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def time_compiled(device, reps: int) -> dict:
+    """echo with torch.compile (default mode) inside the whole-step graph, vs without."""
+    from echo.train import compile_model
+    torch.backends.cudnn.benchmark = True
+    x, _ = benchmark_images(BATCH, device)
+    start = time.perf_counter()
+    compiled = graphed_stepper(compile_model(build("echo", torch.contiguous_format, device),
+                                             device), x, 1.0, False)
+    for _ in range(4):
+        compiled()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - start
+    plain = graphed_stepper(build("echo", torch.contiguous_format, device), x, 1.0, False)
+    med = interleaved_medians({"compiled": compiled, "eager": plain}, device, reps=reps)
+    torch.backends.cudnn.benchmark = False
+    return {"compile_s": compile_s, **{f"{k}_step_ms": 1e3 * v for k, v in med.items()},
+            "speedup": med["eager"] / med["compiled"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_variants",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    result = {"device": describe_device(device), "torch": torch.__version__,
+              "variants": time_variants(device, args.reps),
+              "ensembles": time_ensembles(device, max(3, args.reps // 2))}
+    if args.compile:
+        try:
+            result["compiled"] = time_compiled(device, args.reps)
+        except Exception as err:  # noqa: BLE001
+            result["compiled"] = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+    for row in result["variants"]:
+        print(f"{'bench' if row['cudnn_benchmark'] else 'nobench':7} {row['format']:13} "
+              f"{row['variant']:24} " + (f"{row['step_ms']:6.2f} ms {row['images_per_s']:9,.0f} img/s"
+                                         if "step_ms" in row else row["error"]))
+    for row in result["ensembles"]:
+        print(f"ensemble K={ENSEMBLE_K} {'bench' if row['cudnn_benchmark'] else 'nobench':7} "
+              f"{row['format']:13} " + (f"{row['speedup']:.2f}x ({row['ensemble_images_per_s']:,.0f}"
+                                        f" vs {row['separate_images_per_s']:,.0f} img/s)"
+                                        if "speedup" in row else row["error"]))
+    if "compiled" in result:
+        print("compiled:", json.dumps(result["compiled"]))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
