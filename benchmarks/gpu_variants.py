@@ -102,17 +102,20 @@ def time_ensembles(device, reps: int) -> list[dict]:
         try:
             single = graphed_stepper(build("echo", torch.contiguous_format, device), x[:BATCH],
                                      1.0, False)
-            ensemble = Ensemble.build("echo", betas, arch="conv", latent_dim=LATENT,
-                                      input_shape=(1, 28, 28), seeds=list(range(ENSEMBLE_K)),
-                                      device=device, strategy="vmap")
-            stacked = graphed_stepper(ensemble, x.view(ENSEMBLE_K, BATCH, 1, 28, 28), None, False)
-            med = interleaved_medians({"single": single, "ensemble": stacked}, device,
-                                      reps=reps, warmup=5)
+            steps = {"single": single}
+            for strategy in ("vmap", "streams"):
+                ensemble = Ensemble.build("echo", betas, arch="conv", latent_dim=LATENT,
+                                          input_shape=(1, 28, 28), seeds=list(range(ENSEMBLE_K)),
+                                          device=device, strategy=strategy)
+                steps[strategy] = graphed_stepper(ensemble, x.view(ENSEMBLE_K, BATCH, 1, 28, 28),
+                                                  None, False)
+            med = interleaved_medians(steps, device, reps=reps, warmup=5)
             separate = BATCH / med["single"]
-            together = ENSEMBLE_K * BATCH / med["ensemble"]
-            rows.append({"cudnn_benchmark": bench, "format": "nchw",
-                         "separate_images_per_s": separate, "ensemble_images_per_s": together,
-                         "speedup": together / separate})
+            for strategy in ("vmap", "streams"):
+                together = ENSEMBLE_K * BATCH / med[strategy]
+                rows.append({"cudnn_benchmark": bench, "format": "nchw", "strategy": strategy,
+                             "separate_images_per_s": separate,
+                             "ensemble_images_per_s": together, "speedup": together / separate})
         except Exception as err:  # noqa: BLE001
             rows.append({"cudnn_benchmark": bench, "format": "nchw",
                          "error": f"{type(err).__name__}: {err}".splitlines()[0][:200]})
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
                                          if "step_ms" in row else row["error"]))
     for row in result["ensembles"]:
         print(f"ensemble K={ENSEMBLE_K} {'bench' if row['cudnn_benchmark'] else 'nobench':7} "
-              f"{row['format']:13} " + (f"{row['speedup']:.2f}x ({row['ensemble_images_per_s']:,.0f}"
+              f"{row.get('strategy', ''):8} " + (f"{row['speedup']:.2f}x ({row['ensemble_images_per_s']:,.0f}"
                                         f" vs {row['separate_images_per_s']:,.0f} img/s)"
                                         if "speedup" in row else row["error"]))
     if "compiled" in result:

@@ -48,7 +48,7 @@ class EnsembleOutput:
     z: Tensor             # [K, B, D] codes
 
 
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "vmap", "loop", "streams")
 
 
 def default_strategy(device: str | torch.device) -> str:
@@ -68,8 +68,11 @@ class Ensemble(nn.Module):
     convolutions into grouped ones): the point on a GPU, where one small model leaves the chip
     idle. "loop" runs the members one after the other on their slices of the stacked
     parameters: on a CPU, already busy with one model, grouped convolutions are slower than
-    K plain ones (docs/performance.md). "auto": vmap on CUDA, loop elsewhere. Both give each
-    member its own noise and the same per-member computation.
+    K plain ones (docs/performance.md). "streams": the loop with member k's forward (and so,
+    by autograd's rule, its backward) on CUDA stream k, so that the K small models run side by
+    side on one GPU, each with plain (not grouped) kernels; the loop on a CPU. "auto": vmap on
+    CUDA, loop elsewhere. All give each member its own noise and the same per-member
+    computation.
     compile: `torch.compile` the vmapped step on CUDA (eager elsewhere or if it fails).
     """
 
@@ -106,6 +109,7 @@ class Ensemble(nn.Module):
         # The member structure (non-tensor settings such as Echo's clip factor) for unstacking.
         object.__setattr__(self, "_member_template", copy.deepcopy(models[0]).cpu())
         self._vmapped: dict[bool, Callable] = {}
+        self._streams: list = []
 
     @classmethod
     def build(cls, method: str, betas: Sequence[float], *, seeds: Sequence[int] | int = 0,
@@ -153,14 +157,32 @@ class Ensemble(nn.Module):
             self._vmapped[batched_x] = fn
         return self._vmapped[batched_x]
 
-    def _looped(self, params: dict, buffers: dict, x: Tensor, batched_x: bool):
+    def _looped(self, params: dict, buffers: dict, x: Tensor, batched_x: bool,
+                streams: bool = False):
         # unbind, not t[k]: its backward stacks the K member gradients once, where K separate
         # t[k] would each scatter into a zero tensor of the full stacked size.
         params = {n: t.unbind(0) for n, t in params.items()}
         buffers = {n: t.unbind(0) for n, t in buffers.items()}
-        outs = [_member_step(self._template, {n: t[k] for n, t in params.items()},
-                             {n: t[k] for n, t in buffers.items()}, x[k] if batched_x else x,
-                             self.betas[k]) for k in range(self.k)]
+
+        def member(k: int):
+            return _member_step(self._template, {n: t[k] for n, t in params.items()},
+                                {n: t[k] for n, t in buffers.items()},
+                                x[k] if batched_x else x, self.betas[k])
+        if not (streams and x.is_cuda):
+            outs = [member(k) for k in range(self.k)]
+            return tuple(torch.stack(parts) for parts in zip(*outs))
+        main = torch.cuda.current_stream(x.device)
+        if len(self._streams) != self.k:
+            self._streams = [torch.cuda.Stream(x.device) for _ in range(self.k)]
+        outs = []
+        for k, stream in enumerate(self._streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(member(k))
+        for stream, out in zip(self._streams, outs):
+            main.wait_stream(stream)
+            for t in out:
+                t.record_stream(main)      # freed on the main stream's schedule, not stream k's
         return tuple(torch.stack(parts) for parts in zip(*outs))
 
     def forward(self, x: Tensor, *, shared: bool = False) -> EnsembleOutput:
@@ -174,7 +196,8 @@ class Ensemble(nn.Module):
             loss, rate, distortion, z = self._vmapped_fn(not shared)(params, buffers, x,
                                                                      self.betas)
         else:
-            loss, rate, distortion, z = self._looped(params, buffers, x, not shared)
+            loss, rate, distortion, z = self._looped(params, buffers, x, not shared,
+                                                     streams=self.resolved_strategy() == "streams")
         return EnsembleOutput(loss=loss.sum(), member_loss=loss, rate=rate, distortion=distortion,
                               z=z)
 
