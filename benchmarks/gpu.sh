@@ -17,7 +17,7 @@ timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/te
     > "$OUT/tests.txt" 2>&1; tail -n 15 "$OUT/tests.txt"
 timeout "${VARIANTS_TIMEOUT:-200}" python3 -m benchmarks.gpu_variants --compile \
     > "$OUT/variants.txt" 2> "$OUT/variants.log"
-echo "== variants (rc $?)"; head -n -1 "$OUT/variants.txt"; tail -n 3 "$OUT/variants.log"
+echo "== variants (rc $?)"; grep -v "^{" "$OUT/variants.txt"; tail -n 3 "$OUT/variants.log"
 for mode in ${MODES:-graph}; do
     flags=(--cudnn-benchmark); [ "$mode" = graph ] && flags+=(--cuda-graph)
     timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --only "$FIGURES" \

@@ -154,25 +154,26 @@ def main(argv=None) -> int:
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    result = {"device": describe_device(device), "torch": torch.__version__,
-              "variants": time_variants(device, args.reps),
-              "ensembles": time_ensembles(device, max(3, args.reps // 2))}
+    result = {"device": describe_device(device), "torch": torch.__version__}
+    # Printed as each part finishes, so that a time limit still leaves the parts done.
+    result["variants"] = time_variants(device, args.reps)
+    for row in result["variants"]:
+        print(f"{'bench' if row['cudnn_benchmark'] else 'nobench':7} {row['format']:13} "
+              f"{row['variant']:24} " + (f"{row['step_ms']:6.2f} ms {row['images_per_s']:9,.0f} img/s"
+                                         if "step_ms" in row else row["error"]), flush=True)
+    result["ensembles"] = time_ensembles(device, max(3, args.reps // 2))
+    for row in result["ensembles"]:
+        print(f"ensemble K={ENSEMBLE_K} {'bench' if row['cudnn_benchmark'] else 'nobench':7} "
+              f"{row.get('strategy', ''):8} " + (f"{row['speedup']:.2f}x ({row['ensemble_images_per_s']:,.0f}"
+                                        f" vs {row['separate_images_per_s']:,.0f} img/s)"
+                                        if "speedup" in row else row["error"]), flush=True)
+    print(json.dumps({k: v for k, v in result.items()}), flush=True)
     if args.compile:
         try:
             result["compiled"] = time_compiled(device, args.reps)
         except Exception as err:  # noqa: BLE001
             result["compiled"] = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
-    for row in result["variants"]:
-        print(f"{'bench' if row['cudnn_benchmark'] else 'nobench':7} {row['format']:13} "
-              f"{row['variant']:24} " + (f"{row['step_ms']:6.2f} ms {row['images_per_s']:9,.0f} img/s"
-                                         if "step_ms" in row else row["error"]))
-    for row in result["ensembles"]:
-        print(f"ensemble K={ENSEMBLE_K} {'bench' if row['cudnn_benchmark'] else 'nobench':7} "
-              f"{row.get('strategy', ''):8} " + (f"{row['speedup']:.2f}x ({row['ensemble_images_per_s']:,.0f}"
-                                        f" vs {row['separate_images_per_s']:,.0f} img/s)"
-                                        if "speedup" in row else row["error"]))
-    if "compiled" in result:
-        print("compiled:", json.dumps(result["compiled"]))
+        print("compiled:", json.dumps(result["compiled"]), flush=True)
     print(json.dumps(result))
     return 0
 
