@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check and figure in one call on a lent GPU machine (docs/performance.md):
 #   1. the CUDA tests (whole-step CUDA graphs, the streams ensemble),
-#   2. the tuning table (benchmarks.gpu_variants: cudnn.benchmark, channels_last, bf16, the two
-#      Echo noise implementations, ensembles; torch.compile),
-#   3. the benchmark suite with the settings fit uses on CUDA (--cuda-graph --cudnn-benchmark;
-#      MODES="eager graph" adds the eager run). sweep_overhead is CPU-only and needs Ray: not here.
+#   2. the tuning table (benchmarks.gpu_variants: channels_last, the Echo noise in 1/2/4
+#      pieces or one-shot, the ensemble strategies),
+#   3. the benchmark suite with the settings fit uses on CUDA (--cuda-graph; MODES="eager graph"
+#      adds the eager run). sweep_overhead is CPU-only and needs Ray: not here.
 # Usage (repo root, on the GPU machine): OUT=gpu_out ECHO_MNIST_DIR=.mnist bash benchmarks/gpu.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -15,11 +15,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py \
     > "$OUT/tests.txt" 2>&1; tail -n 15 "$OUT/tests.txt"
-timeout "${VARIANTS_TIMEOUT:-200}" python3 -m benchmarks.gpu_variants --compile \
+timeout "${VARIANTS_TIMEOUT:-200}" python3 -m benchmarks.gpu_variants \
     > "$OUT/variants.txt" 2> "$OUT/variants.log"
 echo "== variants (rc $?)"; grep -v "^{" "$OUT/variants.txt"; tail -n 3 "$OUT/variants.log"
 for mode in ${MODES:-graph}; do
-    flags=(--cudnn-benchmark); [ "$mode" = graph ] && flags+=(--cuda-graph)
+    flags=(); [ "$mode" = graph ] && flags=(--cuda-graph)
     timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --only "$FIGURES" \
         "${flags[@]}" > "$OUT/$mode.txt" 2> "$OUT/$mode.log"
     echo "== $mode (rc $?)"; head -n -1 "$OUT/$mode.txt"; tail -n 3 "$OUT/$mode.log"

@@ -4,13 +4,12 @@
 
 For `echo` and `vae` (conv, batch 100, 32 latents), every step replayed as a CUDA graph (as
 `fit(cuda_graph=True)` does), it times one training step for each combination of
-  - cudnn.benchmark off / on (cuDNN times its algorithms once per shape and keeps the fastest),
   - memory format NCHW / channels_last (NHWC: the layout of cuDNN's tensor-core kernels),
-  - float32 (TF32 convolutions, PyTorch's default) / bfloat16 autocast,
-  - for echo: the chunked Echo noise (`echo_noise`, <= 1 x B*d_max*D floats) and the
-    one-shot vectorised one (`echo_noise_reference`, fewer kernels, ~5 x the memory),
-and the 8-member vmap ensemble (conv echo) against 8 separate graphed runs, cudnn.benchmark
-off / on. Prints a table and a JSON line; images/s = 100 / step.
+  - for echo: the Echo noise in 1, 2 or 4 pieces (`echo_noise`; fewer pieces, fewer kernels,
+    more memory) and the one-shot autograd version (`echo_noise_reference`, ~5 x the memory),
+and the 8-member ensembles (vmap, streams) against 8 separate graphed runs. The first version
+of this script also crossed cudnn.benchmark and bfloat16 autocast (its figures are in
+docs/performance.md; `time_variants(benchmark_modes=..., precisions=...)` still can). Prints a table and a JSON line; images/s = 100 / step.
 It is a tuning aid: the settings it finds best become defaults only with a test behind them.
 """
 from __future__ import annotations
@@ -51,29 +50,30 @@ def build(method, fmt, device):
     return model.to(device=device, memory_format=fmt)
 
 
-def time_variants(device, reps: int) -> list[dict]:
+def time_variants(device, reps: int, benchmark_modes=(False,), precisions=(False,),
+                  pieces=(1, 2, 4)) -> list[dict]:
     import echo.noise as noise
-    chunked = noise.echo_noise
+    chunked, default_pieces = noise.echo_noise, noise.ECHO_CHUNKS
     reference = getattr(noise, "echo_noise_reference", None)
     x, _ = benchmark_images(BATCH, device)
     rows = []
-    for bench, fmt_name in itertools.product((False, True), ("nchw", "channels_last")):
+    impls = [("vae", None)] + [("echo", f"pieces{p}") for p in pieces] + \
+        ([("echo", "reference")] if reference is not None else [])
+    for bench, fmt_name in itertools.product(benchmark_modes, ("nchw", "channels_last")):
         torch.backends.cudnn.benchmark = bench
         fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
         xf = x.contiguous(memory_format=fmt)
         steps, labels = {}, {}
-        for autocast in (False, True):
-            for method, impl in (("vae", None), ("echo", "chunked"), ("echo", "reference")):
-                if impl == "reference" and reference is None:
-                    continue
+        for autocast in precisions:
+            for method, impl in impls:
                 noise.echo_noise = reference if impl == "reference" else chunked
+                if impl and impl.startswith("pieces"):
+                    noise.ECHO_CHUNKS = int(impl[len("pieces"):])
+                name = f"{method}/{impl or '-'}/{'bf16' if autocast else 'fp32'}"
                 try:
-                    name = f"{method}/{impl or '-'}/{'bf16' if autocast else 'fp32'}"
                     steps[name] = graphed_stepper(build(method, fmt, device), xf, 1.0, autocast)
-                    steps[name]()       # warm-up and capture under this noise implementation
-                    steps[name]()
-                    steps[name]()
-                    steps[name]()
+                    for _ in range(4):   # warm-up and capture under this noise implementation
+                        steps[name]()
                     labels[name] = dict(method=method, noise=impl, precision="bf16" if autocast
                                         else "fp32")
                 except Exception as err:  # noqa: BLE001 - a variant that fails is reported
@@ -81,7 +81,7 @@ def time_variants(device, reps: int) -> list[dict]:
                                  "error": f"{type(err).__name__}: {err}".splitlines()[0][:200]})
                     steps.pop(name, None)
                 finally:
-                    noise.echo_noise = chunked
+                    noise.echo_noise, noise.ECHO_CHUNKS = chunked, default_pieces
         med = interleaved_medians(steps, device, reps=reps, warmup=2)
         for name, seconds in med.items():
             rows.append({"cudnn_benchmark": bench, "format": fmt_name, "variant": name,
@@ -97,7 +97,7 @@ def time_ensembles(device, reps: int) -> list[dict]:
     x, _ = benchmark_images(BATCH * ENSEMBLE_K, device)
     betas = [0.25 * (i + 1) for i in range(ENSEMBLE_K)]
     rows = []
-    for bench in (False, True):
+    for bench in (False,):
         torch.backends.cudnn.benchmark = bench
         try:
             single = graphed_stepper(build("echo", torch.contiguous_format, device), x[:BATCH],

@@ -167,8 +167,10 @@ def make_batch_stepper(model: torch.nn.Module, beta, opts: Options, device: torc
 
 def build(method: str, device: torch.device, arch: str = "conv", opts: Options = Options(),
           input_shape=(1, 28, 28)):
+    from echo.train import place_model
     torch.manual_seed(0)
-    model = build_model(method, arch=arch, latent_dim=LATENT, input_shape=input_shape).to(device)
+    model = place_model(build_model(method, arch=arch, latent_dim=LATENT,
+                                    input_shape=input_shape), device)   # as fit places it
     if opts.compile:
         from echo.train import compile_model
         return compile_model(model, device)

@@ -121,6 +121,16 @@ def make_model(config: TrainConfig, input_shape: tuple[int, ...]) -> Autoencoder
                        input_shape=input_shape, **options)
 
 
+def place_model(model: Autoencoder, device: torch.device) -> Autoencoder:
+    """The model on `device`; on CUDA its convolution weights in channels_last (NHWC), the
+    layout of cuDNN's tensor-core kernels: ~10% faster training steps of the paper's conv
+    network on an H200 (docs/performance.md). Values and checkpoints are unchanged."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def batches(n: int, batch_size: int, *, shuffle: bool, generator=None, device=None):
     """Index tensors of each batch. Training drops a last batch smaller than half a batch
     (Echo noise needs other examples); evaluation folds a tiny remainder into the last batch."""
@@ -254,7 +264,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     x_train, x_test = device_data(config, device)
     input_shape = tuple(x_train.shape[1:])
 
-    model = make_model(config, input_shape).to(device)
+    model = place_model(make_model(config, input_shape), device)
     step_model = compile_model(model, device) if config.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     graphs = config.cuda_graph and device.type == "cuda"

@@ -130,7 +130,8 @@ def test_graphed_adam_follows_the_schedule_and_matches_eager_adam():
         results[graphs] = (w.detach().clone(), losses)
         if graphs:
             assert step.replaying
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    # capturable Adam orders its arithmetic differently: equal to float32 rounding
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
 
 
