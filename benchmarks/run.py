@@ -443,8 +443,6 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(FIGURES)}")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the models (falls back to eager where it cannot)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN time its algorithms once per shape and keep the fastest")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each training step as one CUDA graph (CUDA only; as fit does)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -455,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--only: unknown figure(s) {unknown}; choose from {list(FIGURES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    from echo.train import tune_backends
     device = resolve_device(args.device)
+    tune_backends(device)        # the backend settings fit uses (cudnn.benchmark on CUDA)
     opts = Options(compile=args.compile, cuda_graph=args.cuda_graph)
     results = _round(run(names, device, args.quick, opts))
     width = max(len(n) for n in names)
@@ -464,6 +463,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in results.items():
         print(f"{name:<{width}}  {headline(name, result)}  [{result['device']}]")
     print(json.dumps({"quick": args.quick, "compile": args.compile,
-                      "cuda_graph": args.cuda_graph, "cudnn_benchmark": args.cudnn_benchmark,
-                      **results}))
+                      "cuda_graph": args.cuda_graph,
+                      "cudnn_benchmark": torch.backends.cudnn.benchmark, **results}))
     return 0

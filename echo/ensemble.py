@@ -36,7 +36,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from .graphs import GraphedStep, graph_ready_adam, portable_optimizer_state
 from .methods import Autoencoder
 from .train import (FitResult, NonFiniteLossError, TrainConfig, _atomic_write, batches,
-                    device_data, lr_factor, make_model, resolve_device, save_checkpoint)
+                    device_data, lr_factor, make_model, resolve_device, save_checkpoint,
+                    tune_backends)
 
 
 @dataclass
@@ -52,8 +53,10 @@ STRATEGIES = ("auto", "vmap", "loop", "streams")
 
 
 def default_strategy(device: str | torch.device) -> str:
-    """What strategy="auto" runs: vmap on CUDA, a loop over members elsewhere."""
-    return "vmap" if torch.device(device).type == "cuda" else "loop"
+    """What strategy="auto" runs: one CUDA stream per member on CUDA (1.9-2.1x the throughput
+    of separate runs for 8 conv members on an H200, against 1.2-1.7x for vmap), a loop over
+    members elsewhere."""
+    return "streams" if torch.device(device).type == "cuda" else "loop"
 
 
 def _member_step(template: nn.Module, params: dict, buffers: dict, x: Tensor, beta: Tensor):
@@ -70,8 +73,8 @@ class Ensemble(nn.Module):
     parameters: on a CPU, already busy with one model, grouped convolutions are slower than
     K plain ones (docs/performance.md). "streams": the loop with member k's forward (and so,
     by autograd's rule, its backward) on CUDA stream k, so that the K small models run side by
-    side on one GPU, each with plain (not grouped) kernels; the loop on a CPU. "auto": vmap on
-    CUDA, loop elsewhere. All give each member its own noise and the same per-member
+    side on one GPU, each with plain (not grouped) kernels; the loop on a CPU. "auto": streams
+    on CUDA, loop elsewhere. All give each member its own noise and the same per-member
     computation.
     compile: `torch.compile` the vmapped step on CUDA (eager elsewhere or if it fails).
     """
@@ -279,6 +282,7 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
     configs = member_configs(config, betas, seeds)
     k = len(configs)
     device = resolve_device(config.device)
+    tune_backends(device)
     x_train, x_test = device_data(config, device)
     input_shape = tuple(x_train.shape[1:])
     models = []

