@@ -156,23 +156,15 @@ def _pieces(d_max: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, d_max)) for a in range(0, d_max, size)]
 
 
-def _log_weights(log_s: Tensor, order: Tensor, a: int, b: int, prefix: Tensor | None) -> Tensor:
-    """log w_il = sum_{k<l} log S(x^(j(i,k))) for the echo positions l = a .. b-1, [b-a, B, D].
+def _gathered_log_s(log_s: Tensor, order: Tensor, a: int, b: int) -> Tensor:
+    """log S(x^(j(i,k))) at the echo positions k = a-1 .. b-2, [b-a, B, D] (`_shifted_order`).
 
-    `prefix` ([B, D]) is the log-product of everything before the piece (sum over k < a), None
-    for the first piece. One gather fetches log S at positions a-1 .. b-2 (`_shifted_order`);
-    replacing its first row by the prefix makes the inclusive cumsum the exclusive one of
-    Eq. 2-3 directly: row l-a becomes prefix + sum_{a<=k<l} log S_k.
+    Row 0 (position a-1, a placeholder when a = 0) is then replaced by the log-prefix
+    sum_{k<a} log S_k, and the inclusive cumsum of the rows is the exclusive one of Eq. 2-3
+    over the piece: row l-a becomes sum_{k<l} log S_k = log w_il, for l = a .. b-1.
     """
     batch, dim = log_s.shape
-    rows = log_s.index_select(0, order[a:b].reshape(-1)).view(b - a, batch, dim)
-    if prefix is None:
-        rows[0].zero_()          # empty product: w_i1 = 1
-    else:
-        rows[0].copy_(prefix)
-    # Out of place (the gathered rows die on return): cumsum_ has no vmap batching rule and
-    # would run member by member under torch.func.vmap.
-    return rows.cumsum(0)
+    return log_s.index_select(0, order[a:b].reshape(-1)).view(b - a, batch, dim)
 
 
 def _exp_weights(log_weight: Tensor) -> Tensor:
@@ -214,18 +206,26 @@ class _EchoNoise(torch.autograd.Function):
     @staticmethod
     def forward(f: Tensor, log_s: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
         batch, dim = f.shape
-        eps = prefix = None
+        eps = last = None
         prefixes = []
         for a, b in _pieces(order.shape[0] - 1):
-            weight = _log_weights(log_s, order, a, b, prefix)
-            prefixes.append(weight[0].clone())
-            if b < order.shape[0] - 1:
-                # log-prefix of the next piece: the last exclusive sum plus the last log S.
-                prefix = weight[-1] + log_s.index_select(0, order[b])
-            _exp_weights(weight).mul_(f.index_select(0, order[a + 1:b + 1].reshape(-1))
-                                 .view(b - a, batch, dim))
-            part = weight.sum(0)
-            del weight
+            rows = _gathered_log_s(log_s, order, a, b)
+            if last is None:
+                rows[0].zero_()          # empty product before position 0: w_i1 = 1
+            else:
+                rows[0].add_(last)       # log S_{a-1} + log w_{i,a-1} = log-prefix of the piece
+            prefixes.append(rows[0].clone())
+            # Out of place (the gathered rows die here): cumsum_ has no vmap batching rule and
+            # would run member by member under torch.func.vmap.
+            weight = rows.cumsum(0)
+            del rows
+            last = weight[-1].clone()
+            # w_il f_il, multiplied into the gathered f rather than into the weights: exp_ keeps
+            # its output for autograd, and under torch.compile(vmap(...)) dynamo inlines this
+            # forward and differentiates it as ordinary ops, so it must stay autograd-safe.
+            term = f.index_select(0, order[a + 1:b + 1].reshape(-1)).view(b - a, batch, dim)
+            part = term.mul_(_exp_weights(weight)).sum(0)
+            del weight, term
             eps = part if eps is None else eps.add_(part)
         return eps, torch.stack(prefixes)
 
@@ -247,14 +247,17 @@ class _EchoNoise(torch.autograd.Function):
         batch, dim = f.shape
         want_f, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_f = torch.zeros_like(f) if want_f else None
-        grad_s = torch.zeros_like(log_s) if want_s else None
+        minus_grad_s = torch.zeros_like(log_s) if want_s else None   # negated, see below
         g = grad_eps.unsqueeze(0)
         suffix = None   # R_i: sum of w_il f_il over the pieces after this one
         pieces = _pieces(order.shape[0] - 1)
         for p in reversed(range(len(pieces))):
             a, b = pieces[p]
             where = order[a + 1:b + 1].reshape(-1)
-            weight = _exp_weights(_log_weights(log_s, order, a, b, None if a == 0 else prefixes[p]))
+            rows = _gathered_log_s(log_s, order, a, b)
+            rows[0].copy_(prefixes[p])   # as in the forward: the same weights, bit for bit
+            weight = _exp_weights(rows.cumsum(0))
+            del rows
             term = f.index_select(0, where).view(b - a, batch, dim).mul_(weight)  # w_il f_il
             if want_f:
                 # Out-of-place index_add ([B, D], small): in place would fail under vmap when
@@ -265,13 +268,15 @@ class _EchoNoise(torch.autograd.Function):
                 # sum_{l>k} t_l = (R + sum of the piece) - (inclusive cumsum up to k), in place
                 # of autograd's flip-cumsum-flip; the difference is off by about one ulp of
                 # R + sum |t|, where |t_l| <= max|f| prod S decays geometrically along l.
-                # Then d/d log_s_{j(i,k)} = g_i sum_{l>k} t_l = (cumsum - total) * (-g).
+                # d/d log_s_{j(i,k)} = g_i sum_{l>k} t_l = -(cumsum - total) g_i: accumulated
+                # negated (two passes over the piece, not three) and negated once at the end.
                 term = term.cumsum(0)   # not cumsum_ (no vmap rule); `weight` is gone
                 total = term[-1].clone() if suffix is None else suffix + term[-1]
-                grad_s = grad_s.index_add(0, where, term.sub_(total).mul_(-g).view(-1, dim))
+                minus_grad_s = minus_grad_s.index_add(0, where,
+                                                      term.sub_(total).mul_(g).view(-1, dim))
                 suffix = total
             del term
-        return grad_f, grad_s, None
+        return grad_f, None if minus_grad_s is None else minus_grad_s.neg(), None
 
 
 def echo_sample(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: bool = False,
