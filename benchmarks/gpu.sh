@@ -3,8 +3,8 @@
 #   1. the CUDA tests (whole-step CUDA graphs, the streams ensemble),
 #   2. the tuning table (benchmarks.gpu_variants: channels_last, the Echo noise in 1/2/4
 #      pieces or one-shot, the ensemble strategies),
-#   3. the benchmark suite with the settings fit uses on CUDA (--cuda-graph; MODES="eager graph"
-#      adds the eager run). sweep_overhead is CPU-only and needs Ray: not here.
+#   3. the benchmark suite with the settings fit uses on CUDA (whole-step CUDA graphs;
+#      MODES="eager graph" adds the --no-cuda-graph run). sweep_overhead is CPU-only and needs Ray: not here.
 # Usage (repo root, on the GPU machine): OUT=gpu_out ECHO_MNIST_DIR=.mnist bash benchmarks/gpu.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -19,7 +19,7 @@ timeout "${VARIANTS_TIMEOUT:-200}" python3 -m benchmarks.gpu_variants \
     > "$OUT/variants.txt" 2> "$OUT/variants.log"
 echo "== variants (rc $?)"; grep -v "^{" "$OUT/variants.txt"; tail -n 3 "$OUT/variants.log"
 for mode in ${MODES:-graph}; do
-    flags=(); [ "$mode" = graph ] && flags=(--cuda-graph)
+    flags=(); [ "$mode" = eager ] && flags=(--no-cuda-graph)
     timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --only "$FIGURES" \
         "${flags[@]}" > "$OUT/$mode.txt" 2> "$OUT/$mode.log"
     echo "== $mode (rc $?)"; head -n -1 "$OUT/$mode.txt"; tail -n 3 "$OUT/$mode.log"

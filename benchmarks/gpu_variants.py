@@ -1,6 +1,6 @@
 """GPU tuning table: the conv training step under every backend setting worth trying.
 
-    python -m benchmarks.gpu_variants [--compile]
+    python -m benchmarks.gpu_variants
 
 For `echo` and `vae` (conv, batch 100, 32 latents), every step replayed as a CUDA graph (as
 `fit(cuda_graph=True)` does), it times one training step for each combination of
@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 
 import torch
 
@@ -123,30 +122,9 @@ def time_ensembles(device, reps: int) -> list[dict]:
     return rows
 
 
-def time_compiled(device, reps: int) -> dict:
-    """echo with torch.compile (default mode) inside the whole-step graph, vs without."""
-    from echo.train import compile_model
-    torch.backends.cudnn.benchmark = True
-    x, _ = benchmark_images(BATCH, device)
-    start = time.perf_counter()
-    compiled = graphed_stepper(compile_model(build("echo", torch.contiguous_format, device),
-                                             device), x, 1.0, False)
-    for _ in range(4):
-        compiled()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    compile_s = time.perf_counter() - start
-    plain = graphed_stepper(build("echo", torch.contiguous_format, device), x, 1.0, False)
-    med = interleaved_medians({"compiled": compiled, "eager": plain}, device, reps=reps)
-    torch.backends.cudnn.benchmark = False
-    return {"compile_s": compile_s, **{f"{k}_step_ms": 1e3 * v for k, v in med.items()},
-            "speedup": med["eager"] / med["compiled"]}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_variants",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script")
     args = p.parse_args(argv)
@@ -167,13 +145,6 @@ def main(argv=None) -> int:
               f"{row.get('strategy', ''):8} " + (f"{row['speedup']:.2f}x ({row['ensemble_images_per_s']:,.0f}"
                                         f" vs {row['separate_images_per_s']:,.0f} img/s)"
                                         if "speedup" in row else row["error"]), flush=True)
-    print(json.dumps({k: v for k, v in result.items()}), flush=True)
-    if args.compile:
-        try:
-            result["compiled"] = time_compiled(device, args.reps)
-        except Exception as err:  # noqa: BLE001
-            result["compiled"] = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
-        print("compiled:", json.dumps(result["compiled"]), flush=True)
     print(json.dumps(result))
     return 0
 

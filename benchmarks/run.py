@@ -1,7 +1,7 @@
 """The speed benchmarks of issue 7, measured in one run on one device.
 
     python -m benchmarks [--quick] [--device cpu|cuda] [--only echo_vs_vae_step,...] [--compile]
-                         [--cuda-graph]
+                         [--no-cuda-graph]
 
 Prints a table and then one JSON line whose keys are the figures below; every figure carries the
 device it ran on. Timings are medians of repetitions that interleave the things compared, so
@@ -58,7 +58,7 @@ STRATEGIES_TIMED = {"cuda": ("vmap", "loop", "streams"), "cpu": ("vmap", "loop")
 class Options:
     """How the models run: `torch.compile` and/or whole-step CUDA graphs (CUDA only)."""
     compile: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool = True
 
 
 # --------------------------------------------------------------------------- device and timing
@@ -141,47 +141,44 @@ def _cpu_images(n: int) -> tuple[torch.Tensor, str]:
 def make_stepper(model: torch.nn.Module, x: torch.Tensor, beta: float = 1.0,
                  opts: Options = Options()) -> Callable[[], object]:
     """One training step: forward, backward, Adam (the paper's optimiser and learning rate),
-    replayed as a CUDA graph with `opts.cuda_graph` (as `echo.train.fit` does)."""
-    return make_batch_stepper(model, beta, opts, x.device, lambda out: out.loss)(x)
+    replayed as a CUDA graph with `opts.cuda_graph` and compiled with `opts.compile`, as
+    `echo.train.fit` does."""
+    return make_batch_stepper(model, beta, opts, x.device)(x)
 
 
-def make_batch_stepper(model: torch.nn.Module, beta, opts: Options, device: torch.device,
-                       loss=lambda out: out.loss):
-    """stepper(x) -> a callable doing one training step on x; all share one model and Adam."""
+def make_batch_stepper(model: torch.nn.Module, beta, opts: Options, device: torch.device):
+    """stepper(x) -> a callable doing one training step on x; all share one model and Adam.
+    beta None: `model` is an `Ensemble` (its betas inside; it compiles itself)."""
     from echo.graphs import GraphedStep, graph_ready_adam
+    from echo.train import compile_model
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     graphs = opts.cuda_graph and device.type == "cuda"
     if graphs:
         graph_ready_adam(optimizer, device)
+    forward = compile_model(model, device) if opts.compile and beta is not None else model
 
     def train_step(xb: torch.Tensor) -> torch.Tensor:
-        out = model(xb) if beta is None else model(xb, beta)
+        out = forward(xb) if beta is None else forward(xb, beta)
         optimizer.zero_grad(set_to_none=True)
-        value = loss(out)
-        value.backward()
+        out.loss.backward()
         optimizer.step()
-        return value.detach()
+        return out.loss.detach()
     step = GraphedStep(train_step, enabled=graphs)
     return lambda xb: (lambda: step(xb))
 
 
-def build(method: str, device: torch.device, arch: str = "conv", opts: Options = Options(),
-          input_shape=(1, 28, 28)):
+def build(method: str, device: torch.device, arch: str = "conv", input_shape=(1, 28, 28)):
     from echo.train import place_model
     torch.manual_seed(0)
-    model = place_model(build_model(method, arch=arch, latent_dim=LATENT,
-                                    input_shape=input_shape), device)   # as fit places it
-    if opts.compile:
-        from echo.train import compile_model
-        return compile_model(model, device)
-    return model
+    return place_model(build_model(method, arch=arch, latent_dim=LATENT,
+                                   input_shape=input_shape), device)    # as fit places it
 
 
 # --------------------------------------------------------------------------- figures
 
 def bench_echo_vs_vae_step(device: torch.device, quick: bool, opts: Options) -> dict:
     x, source = benchmark_images(BATCH, device)
-    steps = {m: make_stepper(build(m, device, opts=opts), x, opts=opts) for m in ("echo", "vae")}
+    steps = {m: make_stepper(build(m, device), x, opts=opts) for m in ("echo", "vae")}
     reps = 6 if quick else 30
     med = interleaved_medians(steps, device, reps=reps, warmup=5)
     return {"ratio": med["echo"] / med["vae"], "echo_step_ms": 1e3 * med["echo"],
@@ -194,7 +191,7 @@ def bench_images_per_s(device: torch.device, quick: bool, opts: Options) -> dict
     steps, errors = {}, {}
     for method in sorted(METHODS):
         try:
-            steps[method] = make_stepper(build(method, device, opts=opts), x, opts=opts)
+            steps[method] = make_stepper(build(method, device), x, opts=opts)
             steps[method]()
         except Exception as err:  # a method that cannot build or step is reported, not fatal
             errors[method] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
@@ -229,7 +226,7 @@ def bench_epoch_overhead(device: torch.device, quick: bool, opts: Options) -> di
     epochs = 3 if quick else 5
     x, source = benchmark_images(n_train + n_test, torch.device("cpu"))
     x_train, x_test = x[:n_train].to(device), x[n_train:].to(device)
-    model = build("echo", device, opts=opts)
+    model = build("echo", device)
     stepper = make_batch_stepper(model, 1.0, opts, device)
     pure_steps = [stepper(x_train[i:i + BATCH].contiguous()) for i in range(0, n_train, BATCH)]
     eval_step = GraphedStep(evaluation_step(model, 1.0), enabled=opts.cuda_graph)
@@ -290,8 +287,12 @@ def bench_ensemble_speedup(device: torch.device, quick: bool, opts: Options) -> 
     result = {"k": ENSEMBLE_K, "betas": betas, "batch": BATCH, "data": source,
               "auto_strategy": default_strategy(device)}
     for arch in ("conv", "mlp"):
-        steps = {"single": make_stepper(build("echo", device, arch=arch, opts=opts), x[:BATCH],
+        steps = {"single": make_stepper(build("echo", device, arch=arch), x[:BATCH],
                                         opts=opts)}
+        if opts.compile or opts.cuda_graph:
+            # Separate runs as plain fit runs them (eager): what a naive sweep does.
+            steps["single_eager"] = make_stepper(build("echo", device, arch=arch), x[:BATCH],
+                                                 opts=Options(cuda_graph=False))
         for strategy in STRATEGIES_TIMED[device.type]:
             ensemble = Ensemble.build("echo", betas, arch=arch, latent_dim=LATENT,
                                       input_shape=shape, seeds=list(range(ENSEMBLE_K)),
@@ -305,6 +306,12 @@ def bench_ensemble_speedup(device: torch.device, quick: bool, opts: Options) -> 
             for strategy in STRATEGIES_TIMED[device.type]}, **{
             f"{strategy}_speedup": ENSEMBLE_K * BATCH / med[strategy] / separate
             for strategy in STRATEGIES_TIMED[device.type]}}
+        if "single_eager" in med:
+            eager = BATCH / med["single_eager"]
+            result[arch]["separate_eager_images_per_s"] = eager
+            result[arch].update({f"{strategy}_speedup_over_eager_runs":
+                                 ENSEMBLE_K * BATCH / med[strategy] / eager
+                                 for strategy in STRATEGIES_TIMED[device.type]})
     auto = result["auto_strategy"]
     result["speedup"] = result["conv"][f"{auto}_speedup"]
     result["target"] = 4.0 if device.type == "cuda" else None
@@ -396,6 +403,10 @@ def headline(name: str, result: dict) -> str:
         parts = "; ".join(f"{arch} " + ", ".join(
             f"{k[:-len('_speedup')]} {v:.2f}x" for k, v in result[arch].items()
             if k.endswith("_speedup")) for arch in ("conv", "mlp"))
+        if "separate_eager_images_per_s" in result["conv"]:
+            auto = result["auto_strategy"]
+            parts += (f"; conv {auto} over separate eager runs "
+                      f"{result['conv'][f'{auto}_speedup_over_eager_runs']:.2f}x")
         return (f"{result['speedup']:.2f}x conv with the {result['auto_strategy']} strategy "
                 f"(K={result['k']}; {parts})")
     if name == "echo_noise_memory":
@@ -443,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(FIGURES)}")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the models (falls back to eager where it cannot)")
-    p.add_argument("--cuda-graph", action="store_true",
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="replay each training step as one CUDA graph (CUDA only; as fit does)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)

@@ -77,7 +77,7 @@ class GraphedStep:
             raise GraphCaptureError(
                 f"this training step cannot be captured as a CUDA graph ({reason}); it must not "
                 f"synchronise with the host (.item(), bool(tensor), data-dependent shapes). "
-                f"Train without cuda_graph (TrainConfig.cuda_graph=False, no --cuda-graph, "
+                f"Train without cuda_graph (TrainConfig.cuda_graph=False, --no-cuda-graph, "
                 f"train.cuda_graph: false in params.yaml)") from err
         self.graph, self.static_x, self.static_out = graph, static_x, static_out
         # Capture only recorded the kernels: run them once for this batch.

@@ -64,7 +64,7 @@ class TrainParams(Strict):
     device: str = "auto"
     d_max: int | None = Field(None, ge=1)   # Echo terms; None: batch_size - 1
     replace: bool = False                   # Echo noise drawn with replacement
-    cuda_graph: bool = False                # replay each step as one CUDA graph (GPU trials)
+    cuda_graph: bool = True                 # replay each step as one CUDA graph (GPU trials)
 
 
 class Range(Strict):
