@@ -167,18 +167,20 @@ def make_batch_stepper(model: torch.nn.Module, beta, opts: Options, device: torc
     return lambda xb: (lambda: step(xb))
 
 
-def build(method: str, device: torch.device, arch: str = "conv", input_shape=(1, 28, 28)):
+def build(method: str, device: torch.device, arch: str = "conv", input_shape=(1, 28, 28),
+          opts: "Options | None" = None):
     from echo.train import place_model
     torch.manual_seed(0)
     return place_model(build_model(method, arch=arch, latent_dim=LATENT,
-                                   input_shape=input_shape), device)    # as fit places it
+                                   input_shape=input_shape), device,   # as fit places it
+                       channels_last=not (opts and opts.compile))
 
 
 # --------------------------------------------------------------------------- figures
 
 def bench_echo_vs_vae_step(device: torch.device, quick: bool, opts: Options) -> dict:
     x, source = benchmark_images(BATCH, device)
-    steps = {m: make_stepper(build(m, device), x, opts=opts) for m in ("echo", "vae")}
+    steps = {m: make_stepper(build(m, device, opts=opts), x, opts=opts) for m in ("echo", "vae")}
     reps = 6 if quick else 30
     med = interleaved_medians(steps, device, reps=reps, warmup=5)
     return {"ratio": med["echo"] / med["vae"], "echo_step_ms": 1e3 * med["echo"],
@@ -191,7 +193,7 @@ def bench_images_per_s(device: torch.device, quick: bool, opts: Options) -> dict
     steps, errors = {}, {}
     for method in sorted(METHODS):
         try:
-            steps[method] = make_stepper(build(method, device), x, opts=opts)
+            steps[method] = make_stepper(build(method, device, opts=opts), x, opts=opts)
             steps[method]()
         except Exception as err:  # a method that cannot build or step is reported, not fatal
             errors[method] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
@@ -226,7 +228,7 @@ def bench_epoch_overhead(device: torch.device, quick: bool, opts: Options) -> di
     epochs = 3 if quick else 5
     x, source = benchmark_images(n_train + n_test, torch.device("cpu"))
     x_train, x_test = x[:n_train].to(device), x[n_train:].to(device)
-    model = build("echo", device)
+    model = build("echo", device, opts=opts)
     stepper = make_batch_stepper(model, 1.0, opts, device)
     pure_steps = [stepper(x_train[i:i + BATCH].contiguous()) for i in range(0, n_train, BATCH)]
     eval_step = GraphedStep(evaluation_step(model, 1.0), enabled=opts.cuda_graph)
@@ -287,7 +289,7 @@ def bench_ensemble_speedup(device: torch.device, quick: bool, opts: Options) -> 
     result = {"k": ENSEMBLE_K, "betas": betas, "batch": BATCH, "data": source,
               "auto_strategy": default_strategy(device)}
     for arch in ("conv", "mlp"):
-        steps = {"single": make_stepper(build("echo", device, arch=arch), x[:BATCH],
+        steps = {"single": make_stepper(build("echo", device, arch=arch, opts=opts), x[:BATCH],
                                         opts=opts)}
         if opts.compile or opts.cuda_graph:
             # Separate runs as plain fit runs them (eager): what a naive sweep does.

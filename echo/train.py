@@ -129,12 +129,15 @@ def tune_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def place_model(model: Autoencoder, device: torch.device) -> Autoencoder:
+def place_model(model: Autoencoder, device: torch.device, *,
+                channels_last: bool = True) -> Autoencoder:
     """The model on `device`; on CUDA its convolution weights in channels_last (NHWC), the
     layout of cuDNN's tensor-core kernels: ~10% faster training steps of the paper's conv
-    network on an H200 (docs/performance.md). Values and checkpoints are unchanged."""
+    network on an H200 (docs/performance.md). Values and checkpoints are unchanged.
+    `channels_last=False` for torch.compile: inductor (torch 2.11) failed a stride assertion
+    on the channels_last conv model's backward."""
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -273,7 +276,8 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
     x_train, x_test = device_data(config, device)
     input_shape = tuple(x_train.shape[1:])
 
-    model = place_model(make_model(config, input_shape), device)
+    model = place_model(make_model(config, input_shape), device,
+                        channels_last=not config.compile)
     step_model = compile_model(model, device) if config.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     graphs = config.cuda_graph and device.type == "cuda"

@@ -1,0 +1,33 @@
+"""`python -m benchmarks --quick` runs end to end on the CPU (issue 7: CI-sized settings), and
+the one figure that does not depend on the machine's load, the Echo noise's peak memory, stays
+within its target of B x d_max x D floats."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmarks_run_and_the_echo_noise_stays_within_its_memory_target():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--device", "cpu",
+         "--only", "echo_vs_vae_step,echo_noise_memory"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table, line = done.stdout.strip().splitlines()[:-1], done.stdout.strip().splitlines()[-1]
+    assert any(row.startswith("echo_vs_vae_step") for row in table)
+    result = json.loads(line)
+    assert result["quick"] is True
+    step = result["echo_vs_vae_step"]
+    assert "error" not in step, step
+    assert step["device"].startswith("cpu") and step["echo_step_ms"] > 0 and step["ratio"] > 0
+    memory = result["echo_noise_memory"]
+    assert memory["b_dmax_d_bytes"] == 100 * 99 * 32 * 4
+    assert 0 < memory["peak_over_b_dmax_d"] <= 1.0, memory
+
+
+def test_an_unknown_figure_is_refused_by_name():
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "images_per_sec"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "images_per_sec" in done.stderr
