@@ -108,6 +108,11 @@ class SweepParams(Strict):
     latent_dims: list[int] = [32]
     search: SearchParams = SearchParams()
     asha: bool = False
+    # Train all `betas` of a (method, arch, latent_dim, Optuna sample) as one vectorised
+    # ensemble in one trial (echo.ensemble.fit_ensemble): one process and one data load for
+    # K betas, and on a GPU the K small models run side by side (CUDA streams) instead of
+    # each leaving the chip idle. Results stay one row / MLflow run per beta.
+    pack_betas: bool = False
     resources: ResourceParams = ResourceParams()
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -127,6 +132,15 @@ class SweepParams(Strict):
         if repeated:
             raise ValueError(f"values must be distinct, {repeated} repeated in {v}")
         return v
+
+    @model_validator(mode="after")
+    def packing_without_asha(self):
+        # ASHA decides per trial; a packed trial holds every beta, so ASHA would stop all the
+        # betas of a (method, arch, latent_dim) together, leaving holes in the R-D curve.
+        if self.pack_betas and self.asha:
+            raise ValueError("sweep.pack_betas and sweep.asha cannot both be true: ASHA would "
+                             "stop all betas of a packed trial together; turn one of them off")
+        return self
 
     @field_validator("methods")
     @classmethod

@@ -16,6 +16,9 @@ Design (docs/sweep.md explains it at length):
   exceptions crash it and Tune retries it (`FailureConfig`).
 - The experiment lives in `<storage_path>/<name>`; if it exists, the sweep is resumed with
   `Tuner.restore(resume_errored=True)`.
+- `sweep.pack_betas`: one Tune trial per (method, arch, latent_dim, sample) trains all betas as
+  one `echo.ensemble.fit_ensemble` run (`train_packed_trial`); `trial_members` splits such a
+  trial into its per-beta trials, so MLflow and the CSV stay one run / row per beta.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.fs
@@ -47,6 +51,9 @@ from pipeline.config import Params
 # imports per worker) are imported only in the driver-side functions that use them.
 EPOCH_METRICS = ("train_rate", "train_distortion", "train_neg_elbo",
                  "test_rate", "test_distortion", "test_neg_elbo")
+# What a trial reports per epoch (and per member, for a packed trial): any may be the search
+# metric, so all must be present in every report (Tune checks).
+REPORTED_METRICS = (*EPOCH_METRICS, "train_loss", "test_loss")
 # The files a trial writes into its final Tune checkpoint.
 MODEL_FILE = "model.pt"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
@@ -69,15 +76,48 @@ class SweepInterrupted(SweepError):
 
 # -- the grid and its search ---------------------------------------------------------------
 def trial_name(point: dict, sample: int, num_samples: int) -> str:
-    """Readable, deterministic trial id, e.g. `echo_b0.3_mlp_z32` (`_s1` for repeated samples)."""
-    name = f"{point['method']}_b{point['beta']:g}_{point['arch']}_z{point['latent_dim']}"
+    """Readable, deterministic trial id, e.g. `echo_b0.3_mlp_z32` (`_s1` for repeated samples);
+    `echo_betas_mlp_z32` for a packed point (all betas in one trial)."""
+    beta = f"b{point['beta']:g}" if "beta" in point else "betas"
+    name = f"{point['method']}_{beta}_{point['arch']}_z{point['latent_dim']}"
     return f"{name}_s{sample}" if num_samples > 1 else name
 
 
 def grid_points(params: Params) -> list[dict]:
+    """The searcher's grid; with `sweep.pack_betas` a point has no beta but all `betas`."""
     s = params.sweep
+    if s.pack_betas:
+        return [{"method": m, "betas": [float(b) for b in s.betas], "arch": a,
+                 "latent_dim": int(z)}
+                for m, a, z in itertools.product(s.methods, s.archs, s.latent_dims)]
     return [{"method": m, "beta": float(b), "arch": a, "latent_dim": int(z)}
             for m, b, a, z in itertools.product(s.methods, s.betas, s.archs, s.latent_dims)]
+
+
+def trial_members(config: dict) -> list[dict]:
+    """The per-beta trials one Tune trial stands for: the trial itself, or, for a packed trial,
+    one config per beta with its own `trial_id` (as the unpacked sweep names it) and its index
+    `member` in the ensemble. MLflow runs and CSV rows are made per member."""
+    if "betas" not in config:
+        return [config]
+    rest = {k: v for k, v in config.items() if k not in ("betas", "member_ids")}
+    return [{**rest, "beta": beta, "trial_id": name, "member": k}
+            for k, (beta, name) in enumerate(zip(config["betas"], config["member_ids"]))]
+
+
+def member_result(result: dict, member: dict) -> dict:
+    """A member's view of its trial's result: a packed trial reports member k's metrics as
+    `member_<k>/<name>` beside their means (what the searcher sees) and the shared keys."""
+    if "member" not in member:
+        return result
+    prefix = f"{member_folder(member)}/"
+    shared = {k: v for k, v in result.items() if "/" not in k}
+    return {**shared, **{k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}}
+
+
+def member_folder(member: dict) -> str:
+    """Where a member's files are in its trial's checkpoint ("" for an unpacked trial)."""
+    return f"member_{member['member']}" if "member" in member else ""
 
 
 def search_space(params: Params, method: str) -> dict:
@@ -146,6 +186,9 @@ class GridOptunaSearch(PickledState, Searcher):
             config["seed"] = self.base["seed"] + sample      # replicates differ by seed
         if point["method"] != "echo":
             config["clip_factor"] = None
+        if "betas" in point:        # packed: the ids of its per-beta trials (`trial_members`)
+            config["member_ids"] = [trial_name({**point, "beta": b}, sample, self.num_samples)
+                                    for b in point["betas"]]
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
@@ -216,8 +259,26 @@ def train_config(config: dict) -> TrainConfig:
         cuda_graph=config["cuda_graph"])
 
 
+def epoch_report(metrics: dict, beta: float) -> dict:
+    """One epoch's report of one model."""
+    return {**metrics, "status": "running", "error": "",
+            # the trained objective D + beta R, a possible search metric
+            "train_loss": metrics["train_distortion"] + beta * metrics["train_rate"],
+            "test_loss": metrics["test_distortion"] + beta * metrics["test_rate"]}
+
+
+def nonfinite_report(err: NonFiniteLossError, epochs_done: int) -> dict:
+    """Deterministic divergence: retrying would diverge again, so the trial ends (is not
+    crashed) with the reason; the sweep goes on. Every metric name a search / scheduler may
+    watch must be present (Tune checks)."""
+    return {"status": "nonfinite", "error": str(err), "epoch": epochs_done,
+            **{name: float("nan") for name in REPORTED_METRICS}}
+
+
 def train_trial(config: dict) -> None:
     """One trial: fit with per-epoch reports and Tune checkpoints; resumes when Tune restarts it."""
+    if "betas" in config:
+        return train_packed_trial(config)
     cfg = train_config(config)
     every, min_interval = config["checkpoint_every"], config["checkpoint_min_interval_s"]
     given = tune.get_checkpoint()
@@ -228,12 +289,6 @@ def train_trial(config: dict) -> None:
             resume = load_checkpoint(Path(folder) / MODEL_FILE)
     done = {"epochs": int(resume["epoch"]) if resume else 0}
 
-    def epoch_report(metrics: dict) -> dict:
-        return {**metrics, "status": "running", "error": "",
-                # the trained objective D + beta R, a possible search metric
-                "train_loss": metrics["train_distortion"] + cfg.beta * metrics["train_rate"],
-                "test_loss": metrics["test_distortion"] + cfg.beta * metrics["test_rate"]}
-
     known = _checkpoint_epoch(given)
     if done["epochs"] > known:
         # Tune's snapshot lagged behind this trial (its driver was killed): replay the epochs
@@ -242,9 +297,9 @@ def train_trial(config: dict) -> None:
         # reported from a copy: Tune may persist it into the very folder it came from.
         lost = resume["history"][known:]
         for metrics in lost[:-1]:
-            tune.report(epoch_report(metrics))
+            tune.report(epoch_report(metrics, cfg.beta))
         with tempfile.TemporaryDirectory() as folder:
-            tune.report(epoch_report(lost[-1]),
+            tune.report(epoch_report(lost[-1], cfg.beta),
                         checkpoint=tune.Checkpoint.from_directory(checkpoint.to_directory(folder)))
         if done["epochs"] >= cfg.epochs:
             return
@@ -253,7 +308,7 @@ def train_trial(config: dict) -> None:
 
     def on_epoch(epoch: int, metrics: dict, state) -> None:
         done["epochs"] = epoch
-        report = epoch_report(metrics)
+        report = epoch_report(metrics, cfg.beta)
         last = epoch == cfg.epochs
         due = epoch % every == 0 and time.monotonic() - saved["at"] >= min_interval
         if not (last or due):
@@ -270,12 +325,50 @@ def train_trial(config: dict) -> None:
     try:
         fit(cfg, on_epoch=on_epoch, resume=resume)
     except NonFiniteLossError as err:
-        # Deterministic divergence: retrying would diverge again, so end the trial (not crash
-        # it) with the reason; the sweep goes on.
-        # Every metric name a search / scheduler may watch must be present (Tune checks).
-        tune.report({"status": "nonfinite", "error": str(err), "epoch": done["epochs"],
-                     **{name: float("nan") for name in (*EPOCH_METRICS, "train_loss",
-                                                        "test_loss")}})
+        tune.report(nonfinite_report(err, done["epochs"]))
+
+
+def train_packed_trial(config: dict) -> None:
+    """All betas of a packed trial as one `fit_ensemble` run (same lr / clip factor / seed for
+    every member: each member is the separate run of its beta). Per epoch it reports the mean
+    over members of each metric (what the searcher sees) and member k's as `member_<k>/<name>`.
+
+    Its only Tune checkpoint is the final one, `member_<k>/model.pt` (+ reconstructions.png)
+    per member: `fit_ensemble` cannot resume, so a packed trial that Tune restarts trains from
+    epoch 0 again. A NaN/inf loss of any member ends the whole trial as nonfinite."""
+    from echo.ensemble import fit_ensemble
+    cfgs = [train_config(member) for member in trial_members(config)]
+    done = {"epochs": 0}
+
+    def report(epoch: int, metrics: list[dict]) -> dict:
+        members = [epoch_report(m, cfg.beta) for m, cfg in zip(metrics, cfgs)]
+        out = {name: sum(m[name] for m in members) / len(members) for name in REPORTED_METRICS}
+        out.update(status="running", error="", epoch=epoch)
+        for k, m in enumerate(members):
+            out.update({f"member_{k}/{name}": m[name] for name in REPORTED_METRICS})
+        return out
+
+    def on_epoch(epoch: int, metrics: list[dict]) -> None:
+        done["epochs"], done["report"] = epoch, report(epoch, metrics)
+        if epoch < cfgs[0].epochs:      # the last one goes with the checkpoint, written after
+            tune.report(done["report"])
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            # strategy "auto": CUDA streams on a GPU (the speed-up), a loop over members on a
+            # CPU (no speed-up, but one process and one data load for all betas).
+            fit_ensemble(replace(cfgs[0], out=folder), betas=[cfg.beta for cfg in cfgs],
+                         strategy="auto", on_epoch=on_epoch)
+        except NonFiniteLossError as err:
+            tune.report(nonfinite_report(err, done["epochs"]))
+            return
+        x_test = load_train_test(cfgs[0])[1]
+        for k, cfg in enumerate(cfgs):        # fit_ensemble wrote member_<k>/checkpoint.pt
+            member = Path(folder) / f"member_{k}"
+            os.replace(member / "checkpoint.pt", member / MODEL_FILE)
+            write_reconstructions(member / MODEL_FILE, cfg, member / RECONSTRUCTIONS_FILE,
+                                  x_test=x_test)
+        tune.report(done["report"], checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def _checkpoint_epoch(checkpoint: tune.Checkpoint | None) -> int:
@@ -321,8 +414,9 @@ def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | 
     return best
 
 
-def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path) -> None:
-    """A 2-row PNG: test images above, the model's reconstruction probabilities below."""
+def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=None) -> None:
+    """A 2-row PNG: test images above, the model's reconstruction probabilities below
+    (`x_test`: the test set if already loaded)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -330,7 +424,9 @@ def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path) -> None
 
     model, _ = load_model(model_path)
     model.eval()
-    x_test = load_train_test(cfg)[1][: cfg.test_limit][: cfg.batch_size]
+    if x_test is None:
+        x_test = load_train_test(cfg)[1]
+    x_test = x_test[: cfg.test_limit][: cfg.batch_size]
     with torch.no_grad():
         probs = torch.sigmoid(model(x_test, cfg.beta).logits)
     count = min(RECON_COUNT, len(x_test))
@@ -381,17 +477,23 @@ def fingerprint(params: Params, root: Path | None = None) -> dict:
         data_sha256 = digest.hexdigest()
     # download / check_sizes cannot change the data; every other data field can.
     data = params.data.model_dump(exclude={"download", "check_sizes"})
+    sweep = params.sweep.model_dump(include={
+        "methods", "betas", "archs", "latent_dims", "search", "asha", "train_limit",
+        "test_limit"})
+    # Packing changes what the trials are. Only present when on, so that experiments started
+    # before the option existed keep their fingerprint and still resume.
+    if params.sweep.pack_betas:
+        sweep["pack_betas"] = True
     return {"data": {**data, "prepared_sha256": data_sha256},
             "train": params.train.model_dump(exclude={"device", "cuda_graph"}),
-            "sweep": params.sweep.model_dump(include={
-                "methods", "betas", "archs", "latent_dims", "search", "asha",
-                "train_limit", "test_limit"})}
+            "sweep": sweep}
 
 
 def check_inputs(params: Params, root: Path) -> None:
     """Fail before Ray starts: the data must load and hold at least one batch."""
     base = trial_base(params, root)
-    cfg = train_config({**base, **grid_points(params)[0], "clip_factor": None})
+    cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0],
+                        "clip_factor": None})
     try:
         x_train, _ = load_train_test(cfg)
     except (DataError, ValueError, OSError) as err:
@@ -550,35 +652,32 @@ def _trial_id(trial) -> str:
 
 
 def collect_results(trials, tracker, root: Path):
-    """One row per trial (Tune's `Trial`s); completed trials' final checkpoints copied to
-    results/checkpoints."""
+    """One row per trial (Tune's `Trial`s; per beta for packed trials); completed trials' final
+    checkpoints copied to results/checkpoints."""
     import pandas as pd
     staging = Path(tempfile.mkdtemp(prefix=".checkpoints-", dir=_ensure(root / "results")))
     rows = []
     try:
         for trial in trials:
-            config, metrics = trial.config, trial.last_result or {}
             if trial.status == "ERROR":
                 status, error = "failed", trial_error_text(trial)
-            elif metrics.get("status") == "nonfinite":
-                status, error = "nonfinite", metrics.get("error", "")
+            elif (trial.last_result or {}).get("status") == "nonfinite":
+                status, error = "nonfinite", trial.last_result.get("error", "")
             else:
                 status, error = "completed", ""
-            checkpoint = ""
-            if status == "completed" and trial.checkpoint is not None:
-                with trial.checkpoint.as_directory() as folder:
-                    shutil.copyfile(Path(folder) / MODEL_FILE, staging / f"{config['trial_id']}.pt")
-                checkpoint = (CHECKPOINT_DIR / f"{config['trial_id']}.pt").as_posix()
-            # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
-            tracker.finish_trial(config, status, error,
-                                 trial.checkpoint if status == "completed" else None)
-            rows.append({
-                "trial_id": config["trial_id"], "method": config["method"],
-                "dataset": config["dataset"], "arch": config["arch"],
-                "latent_dim": config["latent_dim"], "beta": config["beta"], "lr": config["lr"],
-                "clip_factor": config["clip_factor"], "status": status, "error": error,
-                "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
-                **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}})
+            for config in trial_members(trial.config):
+                metrics = member_result(trial.last_result or {}, config)
+                checkpoint = ""
+                if status == "completed" and trial.checkpoint is not None:
+                    with trial.checkpoint.as_directory() as folder:
+                        shutil.copyfile(Path(folder) / member_folder(config) / MODEL_FILE,
+                                        staging / f"{config['trial_id']}.pt")
+                    checkpoint = (CHECKPOINT_DIR / f"{config['trial_id']}.pt").as_posix()
+                # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
+                tracker.finish_trial(config, status, error,
+                                     trial.checkpoint if status == "completed" else None,
+                                     member_folder(config))
+                rows.append(csv_row(config, metrics, status, error, checkpoint))
         runs = tracker.child_runs()
         for row in rows:
             row["mlflow_run_id"] = runs.get(row["trial_id"], "")
@@ -591,6 +690,16 @@ def collect_results(trials, tracker, root: Path):
     table.to_csv(tmp, index=False)
     os.replace(tmp, out)
     return table
+
+
+def csv_row(config: dict, metrics: dict, status: str, error: str, checkpoint: str) -> dict:
+    """One CSV row (without its MLflow run id) of one per-beta trial."""
+    return {"trial_id": config["trial_id"], "method": config["method"],
+            "dataset": config["dataset"], "arch": config["arch"],
+            "latent_dim": config["latent_dim"], "beta": config["beta"], "lr": config["lr"],
+            "clip_factor": config["clip_factor"], "status": status, "error": error,
+            "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
+            **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}}
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -8,6 +8,9 @@ tracking store, so any number of concurrent trials share a SQLite store without
 Runs are found again, not re-created, when a sweep resumes: the parent by the sweep's
 instance id (tag `echo.sweep_uid`, written once per experiment directory), a child by the
 trial's readable id (tag `trial_id`). Epochs a child already holds are not logged twice.
+
+A packed Tune trial (`sweep.pack_betas`: all betas in one ensemble) gets one child run per
+beta, the same as unpacked trials: every hook goes through `trial_members`.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pipeline.sweep import EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, trial_error_text
+from pipeline.sweep import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, member_folder,
+                            member_result, trial_error_text, trial_members)
 
 TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
                 "epochs", "batch_size")
@@ -156,8 +160,9 @@ class SweepTracker(tune.Callback):
             self._flushed[key] = time.monotonic()
 
     def finish_trial(self, config: dict, status: str, error: str = "",
-                     checkpoint: tune.Checkpoint | None = None) -> None:
-        """Status tags and artifacts (final checkpoint, reconstruction grid); idempotent."""
+                     checkpoint: tune.Checkpoint | None = None, folder: str = "") -> None:
+        """Status tags and artifacts (final checkpoint, reconstruction grid, found in `folder`
+        of the checkpoint: a packed trial's member_<k>); idempotent."""
         run_id = self.child_run(config)
         self.flush(config["trial_id"])
         run = self.client.get_run(run_id)
@@ -168,10 +173,10 @@ class SweepTracker(tune.Callback):
             tags.append(RunTag("error", error[:4000]))
         self.client.log_batch(run_id, tags=tags)
         if checkpoint is not None and status == "completed":
-            with checkpoint.as_directory() as folder:
+            with checkpoint.as_directory() as local:
                 for name in (MODEL_FILE, RECONSTRUCTIONS_FILE):
-                    if (Path(folder) / name).exists():
-                        self.client.log_artifact(run_id, str(Path(folder) / name))
+                    if (Path(local) / folder / name).exists():
+                        self.client.log_artifact(run_id, str(Path(local) / folder / name))
         self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
 
     def finish_sweep(self, status: str = "FINISHED") -> None:
@@ -183,24 +188,30 @@ class SweepTracker(tune.Callback):
         self.open()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.child_run(trial.config)
+        for member in trial_members(trial.config):
+            self.child_run(member)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("status") == "running" and "epoch" in result:
-            self.log_epoch(trial.config, result)
+            for member in trial_members(trial.config):
+                self.log_epoch(member, member_result(result, member))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         status = result.get("status", "completed")
         if status == "running":
             status = "completed"
-        self.finish_trial(trial.config, status, result.get("error", ""), trial.checkpoint)
+        for member in trial_members(trial.config):
+            self.finish_trial(member, status, result.get("error", ""), trial.checkpoint,
+                              member_folder(member))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.finish_trial(trial.config, "failed", trial_error_text(trial))
+        for member in trial_members(trial.config):
+            self.finish_trial(member, "failed", trial_error_text(trial))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.flush(trial.config["trial_id"])
+        for member in trial_members(trial.config):
+            self.flush(member["trial_id"])
 
     def on_experiment_end(self, trials, **info):
         self.flush()
