@@ -88,6 +88,37 @@ class InterruptAfterFirstTrial(EpochLog):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+def tracked_rows(root, csv, epochs: int) -> list:
+    """Every CSV row has one completed MLflow child run under the sweep's one parent, with all
+    six metrics at every epoch (the last equal to the row's), the model checkpoint and the
+    reconstruction grid as artifacts, and a checkpoint the next stage loads with the row's
+    settings. Returns (row, child run, loaded model) for further checks."""
+    client, parents, children = mlflow_runs(root)
+    assert len(parents) == 1 and len(children) == len(csv)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    checked = []
+    for row in csv.itertuples():
+        child = by_trial[row.trial_id]
+        assert child.info.run_id == row.mlflow_run_id
+        assert child.data.tags["status"] == "completed"
+        assert float(child.data.tags["beta"]) == row.beta == float(child.data.params["beta"])
+        assert float(child.data.params["lr"]) == row.lr
+        for name in EPOCH_METRICS:
+            history = client.get_metric_history(child.info.run_id, name)
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1)), name
+            assert math.isclose(max(history, key=lambda m: m.step).value, getattr(row, name),
+                                rel_tol=1e-6)
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == \
+            {"model.pt", "reconstructions.png"}
+        # the copied final checkpoint is a model the next stage can load
+        model, config = load_model(root / row.checkpoint)
+        assert (config.method, config.beta, config.epochs, config.lr) == \
+            (row.method, row.beta, epochs, row.lr)
+        checked.append((row, child, model))
+    return checked
+
+
 def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
     # Optuna picks lr (every trial) and the clipping factor (Echo trials) inside the ranges.
     # checkpoint_every=1, but at most one checkpoint an hour: only the final one is written.
@@ -111,30 +142,11 @@ def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
 
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.run_name == "grid"
-    assert len(children) == 4
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    by_trial = {c.data.tags["trial_id"]: c for c in children}
-    for row in csv.itertuples():
-        child = by_trial[row.trial_id]
-        assert child.info.run_id == row.mlflow_run_id
-        assert child.data.tags["status"] == "completed"
+    for row, child, model in tracked_rows(tmp_path, csv, epochs=2):
         assert child.data.tags["method"] == row.method and child.data.tags["dataset"] == "digits"
-        assert float(child.data.tags["beta"]) == row.beta
         assert {k: child.data.params[k] for k in ("method", "arch", "latent_dim", "epochs")} == \
             {"method": row.method, "arch": "mlp", "latent_dim": "4", "epochs": "2"}
-        assert float(child.data.params["lr"]) == row.lr
         assert child.data.params["clip_factor"] == (str(row.clip_factor) or "none")
-        for name in EPOCH_METRICS:
-            history = client.get_metric_history(child.info.run_id, name)
-            assert sorted(m.step for m in history) == [1, 2], name
-            assert math.isclose(max(history, key=lambda m: m.step).value, getattr(row, name),
-                                rel_tol=1e-6)
-        assert {a.path for a in client.list_artifacts(child.info.run_id)} == \
-            {"model.pt", "reconstructions.png"}
-        # the copied final checkpoint is a model the next stage can load
-        model, config = load_model(tmp_path / row.checkpoint)
-        assert (config.method, config.beta, config.epochs, config.lr) == \
-            (row.method, row.beta, 2, row.lr)
         if row.method == "echo":
             assert model.channel.clip_factor == float(row.clip_factor)
     assert len(table) == 4
@@ -287,26 +299,7 @@ def test_packed_betas_train_one_trial_per_method_and_stay_per_beta_downstream(tm
     # members differ (own beta), so their metrics do too
     assert csv.groupby("method").test_rate.nunique().eq(2).all()
 
-    client, parents, children = mlflow_runs(tmp_path)
-    assert len(parents) == 1 and len(children) == 4
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    by_trial = {c.data.tags["trial_id"]: c for c in children}
-    for row in csv.itertuples():
-        child = by_trial[row.trial_id]
-        assert child.info.run_id == row.mlflow_run_id
-        assert child.data.tags["status"] == "completed"
-        assert float(child.data.tags["beta"]) == row.beta == float(child.data.params["beta"])
-        assert float(child.data.params["lr"]) == row.lr
-        for name in EPOCH_METRICS:
-            history = client.get_metric_history(child.info.run_id, name)
-            assert sorted(m.step for m in history) == [1, 2], name
-            assert math.isclose(max(history, key=lambda m: m.step).value, getattr(row, name),
-                                rel_tol=1e-6)
-        assert {a.path for a in client.list_artifacts(child.info.run_id)} == \
-            {"model.pt", "reconstructions.png"}
-        model, config = load_model(tmp_path / row.checkpoint)
-        assert (config.method, config.beta, config.epochs, config.lr) == \
-            (row.method, row.beta, 2, row.lr)
+    tracked_rows(tmp_path, csv, epochs=2)
 
 
 def test_a_diverging_member_marks_its_whole_packed_trial_nonfinite(tmp_path):
