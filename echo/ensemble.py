@@ -35,7 +35,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .graphs import GraphedStep, graph_ready_adam, portable_optimizer_state
 from .methods import Autoencoder
-from .train import (FitResult, NonFiniteLossError, TrainConfig, _atomic_write, batches,
+from .train import (FitResult, NonFiniteLossError, TrainConfig, atomic_write, batches,
                     device_data, lr_factor, make_model, resolve_device, save_checkpoint,
                     tune_backends)
 
@@ -361,6 +361,6 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
                      "epoch": len(histories[i]), "history": histories[i],
                      "config": asdict(member_config), "input_shape": list(input_shape)}
             save_checkpoint(out / "checkpoint.pt", state)
-            _atomic_write(out / "metrics.json",
+            atomic_write(out / "metrics.json",
                           lambda p, h=histories[i]: p.write_text(json.dumps(h[-1], indent=2)))
     return results

@@ -227,7 +227,7 @@ def _mean_metrics(sums: Tensor, count: int) -> dict:
     return {"rate": rate, "distortion": distortion, "neg_elbo": rate + distortion}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file so that a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -235,7 +235,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    _atomic_write(Path(path), lambda p: torch.save(state, p))
+    atomic_write(Path(path), lambda p: torch.save(state, p))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -346,7 +346,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out / "checkpoint.pt", state())
-        _atomic_write(out / "metrics.json",
+        atomic_write(out / "metrics.json",
                       lambda p: p.write_text(json.dumps(history[-1] if history else {}, indent=2)))
     return FitResult(model=model, history=history, metrics=history[-1] if history else {})
 

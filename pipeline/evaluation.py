@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from echo import echo_low_rate_limit
-from echo.train import _atomic_write, batches, evaluate, load_model, resolve_device
+from echo.train import atomic_write, batches, evaluate, load_model, resolve_device
 
 # The contract of results/sweep.csv written by the sweep stage.
 SWEEP_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "lr",
@@ -138,10 +138,10 @@ def metrics_summary(evaluation: pd.DataFrame, beta: float = TABLE_BETA) -> dict:
 def write_csv(table: pd.DataFrame, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    atomic_write(path, lambda p: table.to_csv(p, index=False, float_format="%.6g"))
 
 
 def write_json(data: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from echo.train import _atomic_write, load_model  # noqa: E402
+from echo.train import atomic_write, load_model  # noqa: E402
 from pipeline.frontier import completed, series_labels  # noqa: E402
 
 RECON_IMAGES = 8                # test images per row of reconstructions.png
@@ -30,7 +30,7 @@ LEVELS = ("low", "middle", "high")
 def _save(fig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 

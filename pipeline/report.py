@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from echo.train import _atomic_write
+from echo.train import atomic_write
 from pipeline.evaluation import TABLE_BETA, best_at_beta
 from pipeline.frontier import excluded, exclusion_reason
 
@@ -97,4 +97,4 @@ def report(evaluation: pd.DataFrame, frontier: pd.DataFrame, dataset: str) -> st
 def write_report(text: str, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text))
