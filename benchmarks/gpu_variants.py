@@ -9,7 +9,8 @@ For `echo` and `vae` (conv, batch 100, 32 latents), every step replayed as a CUD
     more memory) and the one-shot autograd version (`echo_noise_reference`, ~5 x the memory),
 and the 8-member ensembles (vmap, streams) against 8 separate graphed runs. The first version
 of this script also crossed cudnn.benchmark and bfloat16 autocast (its figures are in
-docs/performance.md; `time_variants(benchmark_modes=..., precisions=...)` still can). Prints a table and a JSON line; images/s = 100 / step.
+docs/performance.md; `time_variants(benchmark_modes=..., precisions=...)` still can). Prints
+a table and a JSON line; images/s = 100 / step.
 It is a tuning aid: the settings it finds best become defaults only with a test behind them.
 """
 from __future__ import annotations
@@ -21,25 +22,13 @@ import sys
 
 import torch
 
-from benchmarks.run import (BATCH, ENSEMBLE_K, LATENT, benchmark_images, describe_device,
-                            interleaved_medians)
+from benchmarks.run import (BATCH, ENSEMBLE_K, LATENT, Options, benchmark_images,
+                            describe_device, interleaved_medians, make_batch_stepper)
 
 
 def graphed_stepper(model, x, beta, autocast: bool):
-    from echo.graphs import GraphedStep, graph_ready_adam
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-    if x.device.type == "cuda":
-        graph_ready_adam(optimizer, x.device)
-
-    def train_step(xb):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(xb) if beta is None else model(xb, beta)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        return out.loss.detach()
-    step = GraphedStep(train_step)
-    return lambda: step(x)
+    """One graphed training step on x, as `benchmarks.run` times it (beta None: an ensemble)."""
+    return make_batch_stepper(model, beta, Options(autocast=autocast), x.device)(x)
 
 
 def build(method, fmt, device):

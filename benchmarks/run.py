@@ -56,9 +56,11 @@ STRATEGIES_TIMED = {"cuda": ("vmap", "loop", "streams"), "cpu": ("vmap", "loop")
 
 @dataclass(frozen=True)
 class Options:
-    """How the models run: `torch.compile` and/or whole-step CUDA graphs (CUDA only)."""
+    """How the models run: `torch.compile` and/or whole-step CUDA graphs (CUDA only); bfloat16
+    autocast only for the tuning table (`benchmarks.gpu_variants`), never in training."""
     compile: bool = False
     cuda_graph: bool = True
+    autocast: bool = False
 
 
 # --------------------------------------------------------------------------- device and timing
@@ -158,7 +160,8 @@ def make_batch_stepper(model: torch.nn.Module, beta, opts: Options, device: torc
     forward = compile_model(model, device) if opts.compile and beta is not None else model
 
     def train_step(xb: torch.Tensor) -> torch.Tensor:
-        out = forward(xb) if beta is None else forward(xb, beta)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.autocast):
+            out = forward(xb) if beta is None else forward(xb, beta)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

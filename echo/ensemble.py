@@ -238,17 +238,12 @@ def member_metric_sums(out: EnsembleOutput) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_ensemble(ensemble: Ensemble, x: Tensor, batch_size: int, *,
-                      step: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
-    """Per member: mean rate, distortion and -ELBO (nats) over the same data set. `step`: the
-    batch function (default: every member encodes the batch; a `GraphedStep` can wrap it)."""
-    if step is None:
-        def step(batch: Tensor) -> Tensor:
-            return member_metric_sums(ensemble(batch, shared=True))
+def evaluate_ensemble(ensemble: Ensemble, x: Tensor, batch_size: int) -> list[dict]:
+    """Per member: mean rate, distortion and -ELBO (nats) over the same data set."""
     ensemble.eval()
     sums = torch.zeros(ensemble.k, 2, dtype=torch.float64, device=x.device)
     for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
-        sums += step(x[idx])
+        sums += member_metric_sums(ensemble(x[idx], shared=True))
     ensemble.train()
     return [_metrics(row, len(x)) for row in sums]
 
@@ -362,5 +357,5 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
                      "config": asdict(member_config), "input_shape": list(input_shape)}
             save_checkpoint(out / "checkpoint.pt", state)
             atomic_write(out / "metrics.json",
-                          lambda p, h=histories[i]: p.write_text(json.dumps(h[-1], indent=2)))
+                         lambda p, h=histories[i]: p.write_text(json.dumps(h[-1], indent=2)))
     return results

@@ -347,7 +347,7 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out / "checkpoint.pt", state())
         atomic_write(out / "metrics.json",
-                      lambda p: p.write_text(json.dumps(history[-1] if history else {}, indent=2)))
+                     lambda p: p.write_text(json.dumps(history[-1] if history else {}, indent=2)))
     return FitResult(model=model, history=history, metrics=history[-1] if history else {})
 
 

@@ -665,14 +665,17 @@ def collect_results(trials, tracker, root: Path):
                 status, error = "nonfinite", trial.last_result.get("error", "")
             else:
                 status, error = "completed", ""
-            for config in trial_members(trial.config):
-                metrics = member_result(trial.last_result or {}, config)
-                checkpoint = ""
-                if status == "completed" and trial.checkpoint is not None:
-                    with trial.checkpoint.as_directory() as folder:
+            members = trial_members(trial.config)
+            copied = status == "completed" and trial.checkpoint is not None
+            if copied:     # one download of the trial's checkpoint for all its members
+                with trial.checkpoint.as_directory() as folder:
+                    for config in members:
                         shutil.copyfile(Path(folder) / member_folder(config) / MODEL_FILE,
                                         staging / f"{config['trial_id']}.pt")
-                    checkpoint = (CHECKPOINT_DIR / f"{config['trial_id']}.pt").as_posix()
+            for config in members:
+                metrics = member_result(trial.last_result or {}, config)
+                checkpoint = (CHECKPOINT_DIR / f"{config['trial_id']}.pt").as_posix() \
+                    if copied else ""
                 # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
                 tracker.finish_trial(config, status, error,
                                      trial.checkpoint if status == "completed" else None,
