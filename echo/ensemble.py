@@ -36,8 +36,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from .graphs import GraphedStep, graph_ready_adam, portable_optimizer_state
 from .methods import Autoencoder
 from .train import (FitResult, NonFiniteLossError, TrainConfig, atomic_write, batches,
-                    device_data, lr_factor, make_model, resolve_device, save_checkpoint,
-                    tune_backends)
+                    beta_factor, device_data, lr_factor, make_model, resolve_device,
+                    save_checkpoint, tune_backends)
 
 
 @dataclass
@@ -296,6 +296,7 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
         optimizer, lambda step: lr_factor(step, total_steps, config.lr_decay_start))
     torch.manual_seed(configs[0].seed)
     histories: list[list[dict]] = [[] for _ in range(k)]
+    full_betas = ensemble.betas.clone()          # the warm-up scales them in place (as in fit)
 
     def train_step(x: Tensor) -> Tensor:
         out = ensemble(x)                                       # x: [K, B, ...]
@@ -314,6 +315,8 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
         sums = torch.zeros(k, 2, dtype=torch.float64, device=device)
         seen = 0
         for idx in order.split(sizes, dim=1):
+            torch.mul(full_betas, beta_factor(scheduler.last_epoch, config.beta_warmup_steps),
+                      out=ensemble.betas)
             sums += step(x_train[idx])
             scheduler.step()
             seen += idx.shape[1]
@@ -341,6 +344,7 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
         if on_epoch is not None:
             on_epoch(epoch, epoch_metrics)
 
+    ensemble.betas.copy_(full_betas)
     results = []
     for i, member_config in enumerate(configs):
         model = ensemble.member(i).to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 ARCHITECTURES = ("conv", "mlp")
@@ -73,21 +74,75 @@ class MLPDecoder(nn.Sequential):
         super().__init__(*layers)
 
 
+def fan_in(layer: nn.Module) -> float:
+    """The number of inputs that reach one output unit of a linear, convolutional or transposed
+    convolutional layer. A strided transposed convolution reaches each output pixel with only
+    1/stride^2 of its kernel taps, so its fan-in is in_channels * k_h * k_w / (s_h * s_w);
+    PyTorch's own `kaiming_*_(mode="fan_in")` counts out_channels * k_h * k_w for it instead."""
+    weight = layer.weight
+    if isinstance(layer, nn.ConvTranspose2d):
+        stride = layer.stride[0] * layer.stride[1]
+        return weight.shape[0] * weight.shape[2] * weight.shape[3] / stride
+    return float(weight[0].numel())
+
+
+@torch.no_grad()
+def init_signal_preserving(network: nn.Module, *, relu_after_last: bool = False,
+                           fan_in_of: dict | None = None) -> nn.Module:
+    """He (Kaiming) normal weights and zero biases, so that signals keep their scale through the
+    ReLU stacks at initialisation: std = gain / sqrt(fan_in), gain sqrt(2) for a layer followed
+    by a ReLU and 1 for a last, linear layer (`relu_after_last=True` for an encoder body).
+`fan_in_of` overrides `fan_in(layer)` where the input size matters (a transposed convolution
+of a 1x1 input reaches each output pixel with one tap per channel, not k_h * k_w / s^2).
+
+    Why (docs/methods.md, "Why the conv models did not learn"): with PyTorch's default init (and
+    with Keras' Glorot-uniform, the authors' choice) the paper's conv nets shrink the signal at
+    every layer: encoder features vary across images by ~1e-3 and the decoder's logits across
+    codes by ~4e-5, so early on the decoder cannot use a code and the distortion gives the
+    encoder almost no gradient. The model, its objective and the exact rate are unchanged: only
+    the starting point of training is.
+    """
+    layers = [m for m in network.modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    for i, layer in enumerate(layers):
+        linear = i == len(layers) - 1 and not relu_after_last
+        gain = 1.0 if linear else math.sqrt(2.0)
+        fans = (fan_in_of or {}).get(layer) or fan_in(layer)
+        layer.weight.normal_(0.0, gain / math.sqrt(fans))
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return network
+
+
 def build_networks(arch: str, input_shape: tuple[int, ...], latent_dim: int
                    ) -> tuple[nn.Module, int, nn.Module]:
-    """(encoder body, its feature width, decoder) for an architecture name."""
+    """(encoder body, its feature width, decoder) for an architecture name, both initialised
+    by `init_signal_preserving`."""
     input_shape = tuple(int(s) for s in input_shape)
     if arch == "conv":
         if len(input_shape) != 3 or input_shape[1:] != (28, 28):
             raise ValueError(f"arch='conv' is the paper's network for [C, 28, 28] images, got "
                              f"input_shape={input_shape}; use arch='mlp' for other sizes")
-        return ConvEncoder(input_shape[0]), CONV_FEATURES, ConvDecoder(latent_dim, input_shape[0])
+        decoder = ConvDecoder(latent_dim, input_shape[0])    # decoder[1]: ConvT of the 1x1 code
+        return (init_signal_preserving(ConvEncoder(input_shape[0]), relu_after_last=True),
+                CONV_FEATURES,
+                init_signal_preserving(decoder, fan_in_of={decoder[1]: latent_dim}))
     if arch == "mlp":
-        encoder = MLPEncoder(input_shape)
-        return encoder, encoder.out_features, MLPDecoder(latent_dim, input_shape)
+        encoder = init_signal_preserving(MLPEncoder(input_shape), relu_after_last=True)
+        return (encoder, encoder.out_features,
+                init_signal_preserving(MLPDecoder(latent_dim, input_shape)))
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHITECTURES}")
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """Distortion: Bernoulli negative log-likelihood in nats, summed over pixels, shape [B]."""
     return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def pixel_marginal_nll(x_train: Tensor, x_test: Tensor) -> float:
+    """Mean distortion (nats) on `x_test` of the best decoder that ignores its code: independent
+    Bernoulli pixels at the training set's pixel means. A model whose code carries nothing
+    cannot beat it on average, so "distortion well below this" is what "it learned" means."""
+    p = x_train.flatten(1).double().mean(0).clamp(1e-6, 1 - 1e-6)
+    x = x_test.flatten(1).double()
+    return float(-(x * p.log() + (1 - x) * (1 - p).log()).sum(1).mean())

@@ -28,6 +28,9 @@ from .graphs import GraphCaptureError, GraphedStep, graph_ready_adam, portable_o
 from .methods import Autoencoder, build_model
 
 METRIC_NAMES = ("rate", "distortion", "neg_elbo")
+# Why a warm-up of beta at all, and why this length: docs/methods.md, "Why the conv models did
+# not learn". 500 steps: one of the paper's 200 epochs (the first 0.5% of its training).
+BETA_WARMUP_STEPS = 500
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +50,7 @@ class TrainConfig:
     batch_size: int = 100
     lr: float = 3e-4
     lr_decay_start: float = 0.5         # fraction of training after which lr decays linearly to 0
+    beta_warmup_steps: int = BETA_WARMUP_STEPS  # beta rises linearly from 0 over these steps
     seed: int = 0
     device: str = "auto"
     train_limit: int | None = None      # use only the first N training examples (quick runs)
@@ -68,6 +72,10 @@ class TrainConfig:
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if (isinstance(self.beta_warmup_steps, bool) or not isinstance(self.beta_warmup_steps, int)
+                or self.beta_warmup_steps < 0):
+            raise ValueError(f"beta_warmup_steps must be an integer >= 0, got "
+                             f"{self.beta_warmup_steps!r}")
         if not 0 <= self.lr_decay_start <= 1:
             raise ValueError(f"lr_decay_start must lie in [0, 1], got {self.lr_decay_start!r}")
 
@@ -91,6 +99,15 @@ def lr_factor(step: int, total_steps: int, decay_start: float) -> float:
     if step < start:
         return 1.0
     return max(0.0, (total_steps - step) / max(1, total_steps - start))
+
+
+def beta_factor(step: int, warmup_steps: int) -> float:
+    """The fraction of beta used at optimiser step `step` (0-based): (step + 1) / warmup_steps
+    during the warm-up, then 1. The objective trained after the warm-up, and every reported
+    rate and distortion, are the paper's; only the first steps weigh the rate less."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
 
 
 def load_train_test(config: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -310,8 +327,12 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         portable_optimizer_state(snapshot["optimizer"])
         return snapshot
 
+    # beta as a device tensor updated in place before each step, so that a captured CUDA graph
+    # (which would freeze a Python float) follows the warm-up.
+    beta_now = torch.zeros((), device=device)
+
     def train_step(x: Tensor) -> Tensor:
-        out = step_model(x, config.beta)
+        out = step_model(x, beta_now)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -326,6 +347,8 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         seen = 0
         for idx in batches(len(x_train), config.batch_size, shuffle=True, device=device):
+            beta_now.fill_(config.beta * beta_factor(scheduler.last_epoch,
+                                                     config.beta_warmup_steps))
             sums += step(x_train[idx])
             scheduler.step()
             seen += len(idx)
@@ -395,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--beta-warmup-steps", type=int, default=defaults.beta_warmup_steps,
+                   help="beta rises linearly from 0 to --beta over this many steps (0: off)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--train-limit", type=int, default=None)
@@ -412,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(method=args.method, dataset=args.dataset, data_root=args.data_root,
                              arch=args.arch, latent_dim=args.latent_dim, beta=args.beta,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             beta_warmup_steps=args.beta_warmup_steps,
                              seed=args.seed, device=args.device, train_limit=args.train_limit,
                              test_limit=args.test_limit, method_options=dict(args.option),
                              cuda_graph=args.cuda_graph,

@@ -253,7 +253,8 @@ def train_config(config: dict) -> TrainConfig:
         method=config["method"], dataset=config["dataset"], data_root=config["data_root"],
         prepared=config["prepared"], arch=config["arch"], latent_dim=config["latent_dim"],
         beta=config["beta"], epochs=config["epochs"], batch_size=config["batch_size"],
-        lr=config["lr"], lr_decay_start=config["lr_decay_start"], seed=config["seed"],
+        lr=config["lr"], lr_decay_start=config["lr_decay_start"],
+        beta_warmup_steps=config["beta_warmup_steps"], seed=config["seed"],
         device=config["device"], train_limit=config["train_limit"],
         test_limit=config["test_limit"], method_options=options, progress=False,
         cuda_graph=config["cuda_graph"])
@@ -451,6 +452,7 @@ def trial_base(params: Params, root: Path) -> dict:
         "data_root": str(root / params.data.raw_dir),
         "epochs": params.train.epochs, "batch_size": params.train.batch_size,
         "lr": params.train.lr, "lr_decay_start": params.train.lr_decay_start,
+        "beta_warmup_steps": params.train.beta_warmup_steps,
         "seed": params.train.seed, "device": params.train.device,
         "d_max": params.train.d_max, "replace": params.train.replace,
         "clip_factor": solve_clip_factor(echo_terms(params)),
