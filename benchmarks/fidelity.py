@@ -48,11 +48,19 @@ PAPER_TABLE2 = {"echo": (26.8, 61.9, 88.7), "vae": (25.9, 67.7, 93.6),
                 "iaf-maf": (26.6, 63.5, 90.1)}
 
 
+class TimeUp(Exception):
+    """The benchmark's --time-limit passed: the run stops after the epoch it finished."""
+
+
 def run_one(job: dict) -> dict:
-    """One (method, seed) training run; appends each epoch to job['csv']. Runs in a worker."""
+    """One (method, seed) training run; appends each epoch to job['csv']. Runs in a worker.
+    Past job['deadline'] (a time.time() value) it stops after the current epoch and reports
+    the model as it is then; with job['iwae_k'] > 0 it adds the test -IWAE_k bound."""
     torch.set_num_threads(job["threads"])
-    from echo.train import TrainConfig, fit
+    from echo.data import load_dataset
+    from echo.train import TrainConfig, fit, iwae_neg_log_likelihood, make_model
     config = TrainConfig(**job["config"])
+    stopped: dict = {}
     path = Path(job["csv"])
     with open(path, "w", newline="") as fh:
         csv.DictWriter(fh, FIELDS).writeheader()
@@ -66,11 +74,33 @@ def run_one(job: dict) -> dict:
         print(f"{config.method} seed {config.seed} epoch {epoch}/{config.epochs}: test rate "
               f"{metrics['test_rate']:.2f} distortion {metrics['test_distortion']:.2f} -ELBO "
               f"{metrics['test_neg_elbo']:.2f}", flush=True)
+        if job.get("deadline") and time.time() > job["deadline"] and epoch < config.epochs:
+            stopped.update(state=state(), metrics=metrics)
+            raise TimeUp
 
     start = time.perf_counter()
-    result = fit(config, on_epoch=on_epoch)
-    return {"method": config.method, "seed": config.seed, "seconds": time.perf_counter() - start,
-            **{k: result.metrics[k] for k in ("test_rate", "test_distortion", "test_neg_elbo")}}
+    try:
+        result = fit(config, on_epoch=on_epoch)
+        model, metrics = result.model, result.metrics
+    except TimeUp:
+        snapshot = stopped["state"]
+        model = make_model(config, tuple(snapshot["input_shape"]))
+        model.load_state_dict(snapshot["model"])
+        metrics = stopped["metrics"]
+    row = {"method": config.method, "seed": config.seed, "epochs": metrics["epoch"],
+           "seconds": time.perf_counter() - start,
+           **{k: metrics[k] for k in ("test_rate", "test_distortion", "test_neg_elbo")},
+           "iwae_k": 0, "test_iwae_neg_log_lik": math.nan}
+    if job.get("iwae_k", 0) > 0 and model.has_density:
+        device = next(model.parameters()).device
+        x_test = load_dataset("binary_mnist", "test", config.data_root)[0][: config.test_limit]
+        torch.manual_seed(config.seed)
+        row["iwae_k"] = job["iwae_k"]
+        row["test_iwae_neg_log_lik"] = iwae_neg_log_likelihood(
+            model.to(device), x_test.to(device), job["iwae_k"], config.batch_size)
+        print(f"{config.method} seed {config.seed}: test -IWAE_{job['iwae_k']} "
+              f"{row['test_iwae_neg_log_lik']:.2f}", flush=True)
+    return row
 
 
 def read_curves(runs_dir: Path) -> list[dict]:
@@ -167,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=os.environ.get("ECHO_MNIST_DIR",
                                                          str(REPO.parent / "shared/data/mnist")))
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--iwae-k", type=int, default=0,
+                   help="also the test -IWAE_k bound for methods with a density (0: off)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds after which every run stops at the end of its epoch (0: none)")
+    p.add_argument("--table-csv", default=None,
+                   help="also write method,rate,distortion,neg_elbo,iwae_k,iwae_neg_log_lik,"
+                        "epochs,seeds (means over seeds) to this file")
     args = p.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -179,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if args.epochs < 1 or args.train_images < 100 or args.test_images < 2 or args.jobs < 1:
         p.error("--epochs and --jobs must be >= 1, --train-images >= 100, --test-images >= 2")
+    if args.iwae_k < 0 or args.time_limit < 0:
+        p.error("--iwae-k and --time-limit must be >= 0")
 
     x_train = load_dataset("binary_mnist", "train", args.data_root)[0][: args.train_images]
     x_test = load_dataset("binary_mnist", "test", args.data_root)[0][: args.test_images]
@@ -194,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": 100, "lr": args.lr, "lr_decay_start": 0.5, "beta": 1.0,
                 "beta_warmup_steps": args.beta_warmup_steps, "epochs": args.epochs,
                 "train_images": len(x_train), "test_images": len(x_test), "device": args.device}
+    deadline = time.time() + args.time_limit if args.time_limit else None
     jobs = [{"threads": args.threads, "csv": str(runs_dir / f"{m}_seed{s}.csv"),
+             "deadline": deadline, "iwae_k": args.iwae_k,
              "config": {"method": m, "dataset": "binary_mnist", "data_root": args.data_root,
                         "arch": args.arch, "latent_dim": args.latent_dim, "beta": 1.0,
                         "epochs": args.epochs, "batch_size": 100, "lr": args.lr,
@@ -207,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{command}\n{len(jobs)} runs, {args.jobs} at a time; pixel-marginal distortion "
           f"{marginal:.2f} nats, Echo low-rate limit {floor:.2f} nats", flush=True)
     start = time.perf_counter()
-    failures = []
+    failures, finals = [], []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         pending = [(job, pool.apply_async(run_one, (job,))) for job in jobs]
         for job, handle in pending:
             try:
-                handle.get()
+                finals.append(handle.get())
             except Exception as err:           # one failed run must not lose the others
                 failures.append(f"{job['config']['method']} seed {job['config']['seed']}: "
                                 f"{type(err).__name__}: {err}")
@@ -220,17 +261,36 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
 
     rows = read_curves(runs_dir)
-    summary = summarise(rows, args.epochs)
+    # Runs stopped by --time-limit count with the epochs they reached.
+    summary = summarise(rows, min([args.epochs] + [f["epochs"] for f in finals]))
+    for entry in summary:
+        iwae = [f["test_iwae_neg_log_lik"] for f in finals
+                if f["method"] == entry["method"] and f["iwae_k"]]
+        entry["iwae_neg_log_lik"] = statistics.fmean(iwae) if iwae else math.nan
+        entry["iwae_k"] = args.iwae_k if iwae else 0
+        entry["epochs"] = min((f["epochs"] for f in finals if f["method"] == entry["method"]),
+                              default=0)
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, ["method", "rate", "rate_std", "distortion",
                                      "distortion_std", "neg_elbo", "neg_elbo_std", "seeds",
-                                     "unfinished"])
+                                     "unfinished", "iwae_k", "iwae_neg_log_lik", "epochs"])
         writer.writeheader()
         writer.writerows(summary)
+    if args.table_csv:
+        Path(args.table_csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.table_csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["method", "rate", "distortion", "neg_elbo", "iwae_k",
+                                         "iwae_neg_log_lik", "epochs", "seeds"],
+                                    extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(summary)
     table = table_markdown(summary, marginal, floor, settings)
     (out / "table.md").write_text(f"Command: `{command}` ({wall / 60:.1f} min)\n\n{table}")
     if rows:
-        plot_curves(rows, out / "neg_elbo.png", marginal)
+        try:
+            plot_curves(rows, out / "neg_elbo.png", marginal)
+        except ImportError as err:            # e.g. a GPU machine without matplotlib
+            print(f"no plot ({err}); the curves are in {runs_dir}", file=sys.stderr)
     (out / "run.json").write_text(json.dumps({
         "command": command, "settings": settings, "wall_seconds": wall, "failures": failures,
         "pixel_marginal_nll": marginal, "echo_low_rate_limit": floor,

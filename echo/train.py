@@ -236,6 +236,21 @@ def evaluate(model: Autoencoder, x: Tensor, batch_size: int, beta: float = 1.0, 
     return _mean_metrics(sums, len(x))
 
 
+IWAE_ROWS = 2000            # images decoded at once by the IWAE bound (bounds memory)
+
+
+@torch.no_grad()
+def iwae_neg_log_likelihood(model: Autoencoder, x: Tensor, k: int, batch_size: int) -> float:
+    """Mean -IWAE_k (nats) over x, an upper bound on -log p(x) that tightens as k grows."""
+    model.eval()
+    total = 0.0
+    for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
+        chunk = max(1, min(k, IWAE_ROWS // len(idx)))     # samples decoded at once per batch
+        total += float(model.iwae_bound(x[idx], k=k, chunk=chunk).sum())
+    model.train()
+    return -total / len(x)
+
+
 def _mean_metrics(sums: Tensor, count: int) -> dict:
     """rate, distortion and -ELBO = rate + distortion from summed rates and distortions.
     The sums are float64 and -ELBO is derived rather than summed a third time, so the

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from echo import echo_low_rate_limit
-from echo.train import atomic_write, batches, evaluate, load_model, resolve_device
+from echo.train import atomic_write, evaluate, iwae_neg_log_likelihood, load_model, resolve_device
 
 # The contract of results/sweep.csv written by the sweep stage.
 SWEEP_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "lr",
@@ -28,7 +28,6 @@ METRIC_COLUMNS = ("rate", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik"
 EVALUATION_COLUMNS = SWEEP_COLUMNS + METRIC_COLUMNS
 NO_DENSITY_NOTE = ("no IWAE bound: the marginal q(z) has no closed-form density (exact-rate "
                    "method); -ELBO uses the exact rate")
-IWAE_ROWS = 2000            # images decoded at once by the IWAE bound (bounds memory)
 TABLE_BETA = 1.0            # beta = 1: -ELBO is a bound on -log p(x) (Table 2)
 
 
@@ -46,17 +45,6 @@ def read_sweep(path: str | Path) -> pd.DataFrame:
         raise EvaluationError(f"{path}: missing column(s) {missing}; it must come from "
                               f"`python -m stages.sweep`")
     return table
-
-
-@torch.no_grad()
-def iwae_neg_log_likelihood(model, x: torch.Tensor, k: int, batch_size: int) -> float:
-    """Mean -IWAE_k (nats) over x, an upper bound on -log p(x) that tightens as k grows."""
-    model.eval()
-    total = 0.0
-    for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
-        chunk = max(1, min(k, IWAE_ROWS // len(idx)))     # samples decoded at once per batch
-        total += float(model.iwae_bound(x[idx], k=k, chunk=chunk).sum())
-    return -total / len(x)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, x_test: torch.Tensor, *, batch_size: int,

@@ -42,20 +42,32 @@ def test_paper_conv_models_learn_at_the_paper_learning_rate(method, mnist_dir, m
     assert m["test_neg_elbo"] < marginal - 10, m
 
 
+@pytest.fixture(scope="module")
+def mlp_results(mnist_dir) -> dict:
+    """Every Table-2 method trained once at MLP scale: 500 steps at lr 1e-3 (10k images)."""
+    cache: dict = {}
+
+    def result(method: str) -> dict:
+        if method not in cache:
+            cache[method] = learned(method, "mlp", mnist_dir, epochs=5, lr=1e-3,
+                                    beta_warmup_steps=100)
+        return cache[method]
+    return result
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_table2_method_learns_at_mlp_scale(method, mnist_dir, marginal):
-    m = learned(method, "mlp", mnist_dir, epochs=3, lr=1e-3, beta_warmup_steps=100)
-    assert m["test_distortion"] < marginal - 50, m
-    assert m["test_rate"] > (ECHO_FLOOR_32 if method == "echo" else 0) + 5, m
-    assert m["test_neg_elbo"] < marginal - 40, m
+def test_every_table2_method_learns_at_mlp_scale(method, mlp_results, marginal):
+    m = mlp_results(method)
+    assert m["test_distortion"] < marginal - 60, m
+    assert m["test_rate"] > (ECHO_FLOOR_32 if method == "echo" else 0) + 8, m
+    assert m["test_neg_elbo"] < marginal - 50, m
 
 
 @pytest.mark.parametrize("mmd_method, base", [("infovae", "vae"), ("iaf-mmd", "iaf-prior")])
-def test_mmd_penalty_does_not_collapse_the_rate(mmd_method, base, mnist_dir):
+def test_mmd_penalty_does_not_collapse_the_rate(mmd_method, base, mlp_results):
     # Table 2: InfoVAE's rate is the VAE's (25.6 vs 25.9 nats). With the previous bandwidth
     # (sigma = sqrt(D)) infovae's rate was about half the VAE's here, and 0.0015 on digits.
-    settings = dict(epochs=5, lr=1e-3, beta_warmup_steps=100)
-    with_mmd, without = (learned(m, "mlp", mnist_dir, **settings) for m in (mmd_method, base))
+    with_mmd, without = mlp_results(mmd_method), mlp_results(base)
     assert with_mmd["test_rate"] > 0.75 * without["test_rate"], (with_mmd, without)
 
 
@@ -71,3 +83,33 @@ def test_signal_reaches_the_code_and_the_logits_at_initialisation(mnist_dir):
             logits = model.decoder(torch.randn(100, 32))
         assert h.std(0).mean() > 0.05, arch
         assert logits.std(0).mean() > 0.1, arch
+
+
+@pytest.mark.slow
+def test_table2_gpu_command_runs_in_miniature_on_the_cpu(mnist_dir, tmp_path):
+    # The exact script of the one GPU call (issue 14), scaled down by its environment knobs.
+    import csv
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "EPOCHS": "2", "TRAIN_IMAGES": "200",
+           "TEST_IMAGES": "100", "DEVICE": "cpu", "IWAE_K": "3", "THREADS": "1",
+           "TIME_LIMIT": "0", "DATA_ROOT": str(mnist_dir)}
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "table2_gpu.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "binary_mnist_table.csv", newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"echo", "vae", "iaf-prior"}
+    for method, row in rows.items():
+        assert int(row["epochs"]) == 2 and float(row["neg_elbo"]) > 0
+        assert float(row["neg_elbo"]) == pytest.approx(float(row["rate"]) + float(row["distortion"]))
+        # IWAE only where the marginal is a density; it bounds -log p(x) below the -ELBO.
+        if method == "echo":
+            assert row["iwae_k"] == "0"
+        else:
+            assert int(row["iwae_k"]) == 3 and float(row["iwae_neg_log_lik"]) <= float(row["neg_elbo"]) + 1
+    for name in ("summary.csv", "table.md", "neg_elbo.png", "run.json"):
+        assert (tmp_path / "fidelity" / name).exists(), name
+    assert (tmp_path / "log.txt").read_text().count("epoch 2/2") == 3

@@ -54,7 +54,8 @@ def test_paper_defaults():
         assert not flow.steps[0].affine                      # mean-only steps, as in App. B
     for name in ("infovae", "iaf-mmd"):
         penalty = build_model(name, arch="mlp").regularizer
-        assert penalty.weight == 999.0 and penalty.bandwidth == pytest.approx(math.sqrt(32))
+        # 2 sigma^2 = D^2: the authors' InfoVAE config (Zhao et al.'s); docs/methods.md
+        assert penalty.weight == 999.0 and penalty.bandwidth == pytest.approx(32 / math.sqrt(2))
     with pytest.raises(ValueError, match="n_pseudo"):
         build_model("vae-vamp", arch="mlp", n_pseudo=0)
     with pytest.raises(ValueError, match="mmd_bandwidth"):
@@ -98,8 +99,14 @@ def test_mmd_is_zero_for_one_distribution_and_matches_the_gaussian_closed_form_w
     assert abs(np.mean(same)) < 0.005 and max(abs(v) for v in same) < 0.01
     assert shifted == pytest.approx(expected, rel=0.15)
     assert expected > 0.05
-    penalty = MMDPenalty(dim)
+    penalty = MMDPenalty(dim, bandwidth=sigma)
     assert penalty(torch.randn(n, dim) + shift).item() > 999 * 0.05 * 0.8
+    # The default bandwidth (2 sigma^2 = D^2) is wider: the same shift costs ~15 nats, not ~50.
+    wide = dim / math.sqrt(2)
+    expected_wide = 2 * (wide ** 2 / (wide ** 2 + 2)) ** (dim / 2) * (
+        1 - math.exp(-dim * shift ** 2 / (2 * (wide ** 2 + 2))))
+    assert MMDPenalty(dim)(torch.randn(n, dim) + shift).item() == pytest.approx(
+        999 * expected_wide, rel=0.2)
 
 
 def test_vamp_prior_log_density_is_the_mixture_by_hand(monkeypatch):
