@@ -147,6 +147,23 @@ def table_markdown(summary: list[dict], marginal: float, floor: float, settings:
     return "\n".join(lines) + "\n"
 
 
+def curves_markdown(rows: list[dict], every: int = 3) -> str:
+    """Mean test -ELBO per method at every `every`-th epoch (and the last): how the gaps move."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    means: dict[tuple[str, float], list[float]] = {}
+    for r in rows:
+        means.setdefault((r["method"], r["epoch"]), []).append(r["test_neg_elbo"])
+    epochs = sorted({r["epoch"] for r in rows})
+    shown = [e for e in epochs if int(e) % every == 1 or every == 1] + \
+        ([epochs[-1]] if epochs and int(epochs[-1]) % every != 1 else [])
+    lines = ["| epoch | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for e in shown:
+        cells = [f"{statistics.fmean(means[(m, e)]):.2f}" if (m, e) in means else "–"
+                 for m in methods]
+        lines.append(f"| {int(e)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(rows: list[dict], path: Path, marginal: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -201,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the test -IWAE_k bound for methods with a density (0: off)")
     p.add_argument("--time-limit", type=float, default=0,
                    help="seconds after which every run stops at the end of its epoch (0: none)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite summary, table and plot from <out>/runs/*.csv")
     p.add_argument("--table-csv", default=None,
                    help="also write method,rate,distortion,neg_elbo,iwae_k,iwae_neg_log_lik,"
                         "epochs,seeds (means over seeds) to this file")
@@ -227,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob("*.csv"):
-        stale.unlink()
+    if not args.report_only:
+        for stale in runs_dir.glob("*.csv"):
+            stale.unlink()
     settings = {"dataset": "binary_mnist", "arch": args.arch, "latent_dim": args.latent_dim,
                 "batch_size": 100, "lr": args.lr, "lr_decay_start": 0.5, "beta": 1.0,
                 "beta_warmup_steps": args.beta_warmup_steps, "epochs": args.epochs,
@@ -245,10 +265,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in seeds for m in methods]
     command = "python -m benchmarks.fidelity " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])
+    if args.report_only:
+        jobs = []
     print(f"{command}\n{len(jobs)} runs, {args.jobs} at a time; pixel-marginal distortion "
           f"{marginal:.2f} nats, Echo low-rate limit {floor:.2f} nats", flush=True)
     start = time.perf_counter()
     failures, finals = [], []
+    if args.report_only:
+        previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() \
+            else {}
+        command = previous.get("command", command)
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         pending = [(job, pool.apply_async(run_one, (job,))) for job in jobs]
         for job, handle in pending:
@@ -259,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{type(err).__name__}: {err}")
                 print(f"run failed: {failures[-1]}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - start
+    if args.report_only:
+        wall = previous.get("wall_seconds", wall)
 
     rows = read_curves(runs_dir)
     # Runs stopped by --time-limit count with the epochs they reached.
@@ -285,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             writer.writeheader()
             writer.writerows(summary)
     table = table_markdown(summary, marginal, floor, settings)
+    if rows:
+        table += "\nTest −ELBO per epoch (mean over seeds):\n\n" + curves_markdown(rows)
     (out / "table.md").write_text(f"Command: `{command}` ({wall / 60:.1f} min)\n\n{table}")
     if rows:
         try:
