@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from echo import METHODS, clip_factor as solve_clip_factor
 from echo.data import DATASETS
 from echo.networks import ARCHITECTURES
-from echo.train import BETA_WARMUP_STEPS
 
 PARAMS_FILE = "params.yaml"
 
@@ -61,7 +60,8 @@ class TrainParams(Strict):
     batch_size: int = Field(100, ge=2)
     lr: float = Field(3e-4, gt=0, le=1)
     lr_decay_start: float = Field(0.5, ge=0, le=1)
-    beta_warmup_steps: int = Field(BETA_WARMUP_STEPS, ge=0)   # beta rises from 0 (docs/methods.md)
+    # beta rises linearly from 0 over these steps (docs/methods.md); None: echo.train's default
+    beta_warmup_steps: int | None = Field(None, ge=0)
     seed: int = 0
     device: str = "auto"
     d_max: int | None = Field(None, ge=1)   # Echo terms; None: batch_size - 1

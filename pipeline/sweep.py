@@ -253,8 +253,9 @@ def train_config(config: dict) -> TrainConfig:
         method=config["method"], dataset=config["dataset"], data_root=config["data_root"],
         prepared=config["prepared"], arch=config["arch"], latent_dim=config["latent_dim"],
         beta=config["beta"], epochs=config["epochs"], batch_size=config["batch_size"],
-        lr=config["lr"], lr_decay_start=config["lr_decay_start"],
-        beta_warmup_steps=config["beta_warmup_steps"], seed=config["seed"],
+        lr=config["lr"], lr_decay_start=config["lr_decay_start"], seed=config["seed"],
+        **({} if config["beta_warmup_steps"] is None
+           else {"beta_warmup_steps": config["beta_warmup_steps"]}),
         device=config["device"], train_limit=config["train_limit"],
         test_limit=config["test_limit"], method_options=options, progress=False,
         cuda_graph=config["cuda_graph"])
