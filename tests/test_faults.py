@@ -60,7 +60,10 @@ def write_params(root: Path, name: str, *, db: Path, methods, betas, epochs=3,
                  max_concurrent=2, train_limit=300) -> Path:
     raw = {
         "data": {"dataset": "digits"},
-        "train": {"epochs": epochs, "batch_size": 50, "lr": 3e-3, "seed": 0, "device": "cpu"},
+        # No beta warm-up: OVERFLOW_BETA must overflow at step one, not once the warm-up has
+        # scaled it up past float32's range (~170 steps at the default 500).
+        "train": {"epochs": epochs, "batch_size": 50, "lr": 3e-3, "seed": 0, "device": "cpu",
+                  "beta_warmup_steps": 0},
         "sweep": {"name": name, "methods": methods, "betas": betas, "archs": ["mlp"],
                   "latent_dims": [4], "train_limit": train_limit, "test_limit": 100,
                   "max_concurrent": max_concurrent, "max_failures": 2, "checkpoint_every": 1,
