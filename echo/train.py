@@ -31,6 +31,7 @@ METRIC_NAMES = ("rate", "distortion", "neg_elbo")
 # Why a warm-up of beta at all, and why this length: docs/methods.md, "Why the conv models did
 # not learn". 500 steps: one of the paper's 200 epochs (the first 0.5% of its training).
 BETA_WARMUP_STEPS = 500
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -362,8 +363,10 @@ def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         seen = 0
         for idx in batches(len(x_train), config.batch_size, shuffle=True, device=device):
-            beta_now.fill_(config.beta * beta_factor(scheduler.last_epoch,
-                                                     config.beta_warmup_steps))
+            beta = config.beta * beta_factor(scheduler.last_epoch, config.beta_warmup_steps)
+            # A beta beyond float32's range is inf, as a float32 product would be: the loss
+            # then turns non-finite and the run stops with that reason.
+            beta_now.fill_(beta if beta < FLOAT32_MAX else math.inf)
             sums += step(x_train[idx])
             scheduler.step()
             seen += len(idx)
