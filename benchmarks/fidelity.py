@@ -36,16 +36,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.paper import PAPER_TABLE_2
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "fidelity"
 FIELDS = ("method", "seed", "epoch", "lr", "epoch_seconds", "train_rate", "train_distortion",
           "train_neg_elbo", "test_rate", "test_distortion", "test_neg_elbo")
-# Table 2 of the paper, binary MNIST (test set, nats): rate, distortion, -ELBO.
-PAPER_TABLE2 = {"echo": (26.8, 61.9, 88.7), "vae": (25.9, 67.7, 93.6),
-                "infovae": (25.6, 67.1, 92.7), "vae-vamp": (26.0, 67.4, 92.9),
-                "vae-maf": (26.8, 65.8, 92.6), "iaf-prior": (25.6, 64.9, 90.5),
-                "iaf-mmd": (26.0, 64.1, 90.1), "iaf-vamp": (25.7, 64.1, 89.8),
-                "iaf-maf": (26.6, 63.5, 90.1)}
 
 
 class TimeUp(Exception):
@@ -136,7 +132,7 @@ def table_markdown(summary: list[dict], marginal: float, floor: float, settings:
     lines = ["| method | test rate | test distortion | test -ELBO | seeds | paper R / D / -ELBO |",
              "|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: s["neg_elbo"]):
-        paper = PAPER_TABLE2.get(s["method"])
+        paper = PAPER_TABLE_2["binary_mnist"].get(s["method"])
         cells = [f"{s[k]:.2f} ± {s[k + '_std']:.2f}" if not math.isnan(s[k + "_std"])
                  else f"{s[k]:.2f}" for k in ("rate", "distortion", "neg_elbo")]
         lines.append(f"| {s['method']} | " + " | ".join(cells) + f" | {s['seeds']} | "
@@ -254,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 "beta_warmup_steps": args.beta_warmup_steps, "epochs": args.epochs,
                 "train_images": len(x_train), "test_images": len(x_test), "device": args.device}
     deadline = time.time() + args.time_limit if args.time_limit else None
-    jobs = [{"threads": args.threads, "csv": str(runs_dir / f"{m}_seed{s}.csv"),
+    jobs = [] if args.report_only else [{"threads": args.threads, "csv": str(runs_dir / f"{m}_seed{s}.csv"),
              "deadline": deadline, "iwae_k": args.iwae_k,
              "config": {"method": m, "dataset": "binary_mnist", "data_root": args.data_root,
                         "arch": args.arch, "latent_dim": args.latent_dim, "beta": 1.0,
@@ -265,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
             for s in seeds for m in methods]
     command = "python -m benchmarks.fidelity " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])
-    if args.report_only:
-        jobs = []
     print(f"{command}\n{len(jobs)} runs, {args.jobs} at a time; pixel-marginal distortion "
           f"{marginal:.2f} nats, Echo low-rate limit {floor:.2f} nats", flush=True)
     start = time.perf_counter()
