@@ -68,6 +68,8 @@ class GaussianChannel(nn.Module):
     """Diagonal Gaussian q(z|x) = N(mu(x), diag exp(logvar(x))), reparameterised."""
 
     exact_rate = False
+    # q(z|x) is exactly this Gaussian, so a Gaussian prior's KL has a closed form (StandardNormal)
+    gaussian_posterior = True
 
     def __init__(self, in_features: int, latent_dim: int):
         super().__init__()
@@ -95,6 +97,8 @@ class IAFChannel(GaussianChannel):
     Gaussian; q(z|x) itself is not Gaussian, so `Encoding.gaussian` is None and the rate is the
     single-sample log q(z|x) - log p(z).
     """
+
+    gaussian_posterior = False
 
     def __init__(self, in_features: int, latent_dim: int, *, steps: int = PAPER_STEPS,
                  hidden: Sequence[int] = PAPER_HIDDEN, affine: bool = False):

@@ -31,6 +31,10 @@ class Marginal(nn.Module):
     def rate(self, enc: Encoding) -> Tensor:
         return enc.log_q - self.log_prob(enc.z)
 
+    def rate_kind(self, channel: nn.Module) -> str:
+        """How `rate` is obtained with this channel (see `Autoencoder.rate_kind`)."""
+        return "single_sample_bound"
+
 
 class StandardNormal(Marginal):
     def log_prob(self, z: Tensor) -> Tensor:
@@ -41,6 +45,10 @@ class StandardNormal(Marginal):
         if enc.gaussian is not None:
             return gaussian_kl_standard_normal(*enc.gaussian)
         return super().rate(enc)
+
+    def rate_kind(self, channel: nn.Module) -> str:
+        return "analytic_kl" if getattr(channel, "gaussian_posterior", False) \
+            else super().rate_kind(channel)
 
 
 def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:

@@ -5,9 +5,11 @@ allowed range in the message.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -16,6 +18,15 @@ from echo.data import DATASETS
 from echo.networks import ARCHITECTURES
 
 PARAMS_FILE = "params.yaml"
+MAX_EPOCHS = 1_000_000
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+# sweep.name is a folder name (<storage_path>/<name>) and MLflow run name: one path component
+# of letters, digits and . _ - (no "/", "..", "@": <name>@<uid> is an archived sweep).
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# URI schemes MLflow's tracking store registry knows (a bare path is a file store); a typo such
+# as `sqlit:///` would otherwise fail only once the sweep opens the store.
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https",
+                    "databricks", "databricks-uc", "uc")
 
 
 class Strict(BaseModel):
@@ -56,17 +67,41 @@ class DataParams(Strict):
 
 
 class TrainParams(Strict):
-    epochs: int = Field(20, ge=1)
+    # At most a million: a typo such as 1e20 would otherwise pass and fail only after start-up.
+    epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(100, ge=2)
     lr: float = Field(3e-4, gt=0, le=1)
     lr_decay_start: float = Field(0.5, ge=0, le=1)
     # beta rises linearly from 0 over these steps (docs/methods.md); None: echo.train's default
     beta_warmup_steps: int | None = Field(None, ge=0)
-    seed: int = 0
     device: str = "auto"
     d_max: int | None = Field(None, ge=1)   # Echo terms; None: batch_size - 1
     replace: bool = False                   # Echo noise drawn with replacement
     cuda_graph: bool = True                 # replay each step as one CUDA graph (GPU trials)
+
+    @field_validator("device")
+    @classmethod
+    def torch_device(cls, v: str) -> str:
+        # Only the spelling here: whether this machine has the device is checked where the
+        # device is used (the sweep, before anything starts), as evaluate may run elsewhere.
+        if v != "auto":
+            try:
+                kind = torch.device(v).type
+            except (RuntimeError, ValueError):
+                kind = None
+            if kind not in DEVICE_TYPES:
+                raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:<index> or mps")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def seed_moved(cls, data):
+        # The seed became a sweep dimension (sweep.seeds); say so instead of "extra field".
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(f"train.seed moved to sweep.seeds, a list of seeds (each grid point "
+                             f"is trained once per seed): write `sweep: {{seeds: "
+                             f"[{data['seed']}]}}` instead")
+        return data
 
 
 class Range(Strict):
@@ -104,10 +139,23 @@ class ResourceParams(Strict):
 
 class SweepParams(Strict):
     name: str = "rd_sweep"
+
+    @field_validator("name")
+    @classmethod
+    def one_path_component(cls, v: str) -> str:
+        # `../data` would put the sweep's folder (and, after a params change, its archive
+        # move) outside storage_path; "" would make storage_path itself the experiment.
+        if not SWEEP_NAME.fullmatch(v) or ".." in v:
+            raise ValueError(f"sweep.name must be one folder name (letters, digits, '.', '_', "
+                             f"'-'; starting with a letter or digit; at most 100), got {v!r}")
+        return v
     methods: list[str] = ["echo", "vae", "infovae"]
     betas: list[float] = [0.1, 0.3, 0.6, 1.0, 1.5, 3.0]
     archs: list[Literal["conv", "mlp"]] = ["mlp"]
     latent_dims: list[int] = [32]
+    # Every grid point is trained once per seed (weights, data order, noise); the frontier stage
+    # averages over seeds and gives each point's spread (docs/sweep.md, "Seeds").
+    seeds: list[int] = [0]
     search: SearchParams = SearchParams()
     asha: bool = False
     # Train all `betas` of a (method, arch, latent_dim, Optuna sample) as one vectorised
@@ -126,7 +174,7 @@ class SweepParams(Strict):
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=2)
 
-    @field_validator("methods", "betas", "archs", "latent_dims")
+    @field_validator("methods", "betas", "archs", "latent_dims", "seeds")
     @classmethod
     def no_duplicates(cls, v: list) -> list:
         # Each grid point names one trial (e.g. echo_b0.3_mlp_z32): duplicates would collide.
@@ -142,6 +190,24 @@ class SweepParams(Strict):
         if self.pack_betas and self.asha:
             raise ValueError("sweep.pack_betas and sweep.asha cannot both be true: ASHA would "
                              "stop all betas of a packed trial together; turn one of them off")
+        return self
+
+    @field_validator("seeds")
+    @classmethod
+    def valid_seeds(cls, v: list[int]) -> list[int]:
+        if not v or any(seed < 0 for seed in v):
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def samples_need_a_search(self):
+        # Repeated samples without a search range would be identical trials; replicates are
+        # what sweep.seeds is for.
+        search = self.search
+        if search.num_samples > 1 and search.lr is None and search.clip_factor is None:
+            raise ValueError(f"sweep.search.num_samples={search.num_samples} without a search "
+                             f"range (search.lr or search.clip_factor) repeats identical trials; "
+                             f"for replicates list seeds in sweep.seeds instead")
         return self
 
     @field_validator("methods")
@@ -174,6 +240,24 @@ class TrackingParams(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "echo-rd"
 
+    @field_validator("uri")
+    @classmethod
+    def known_scheme(cls, v: str) -> str:
+        scheme = v.split(":", 1)[0].split("+", 1)[0].lower() if "://" in v or v.startswith(
+            "databricks") else ""
+        if not v.strip() or (scheme and scheme not in TRACKING_SCHEMES):
+            raise ValueError(f"tracking.uri {v!r} has an unknown scheme; use e.g. "
+                             f"sqlite:///mlflow.db, http://127.0.0.1:5000 or a folder path "
+                             f"(schemes: {', '.join(TRACKING_SCHEMES)})")
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def experiment_named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"tracking.experiment must be a non-empty name, got {v!r}")
+        return v
+
 
 class EvaluateParams(Strict):
     iwae_k: int = Field(1000, ge=1)
@@ -198,16 +282,12 @@ class Params(Strict):
     def echo_sum_is_exact(self):
         """Echo's truncated sum must stay below float precision: d_max < batch size without
         replacement, and the clipping factor at most the solved r for that d_max."""
-        d_max = self.train.d_max if self.train.d_max is not None else self.train.batch_size - 1
-        if not self.train.replace and d_max >= self.train.batch_size:
-            raise ValueError(f"train.d_max={d_max} must be < train.batch_size="
-                             f"{self.train.batch_size} without replacement")
-        r_max = solve_clip_factor(d_max)
+        from echo.train import check_echo_truncation      # the rule python -m echo.train uses
         clip = self.sweep.search.clip_factor
-        if clip is not None and clip.high > r_max:
-            raise ValueError(f"sweep.search.clip_factor.high={clip.high} exceeds {r_max:.4f}, the "
-                             f"largest clipping factor whose truncated Echo tail stays below "
-                             f"float32 precision with d_max={d_max}; allowed range (0, {r_max:.4f}]")
+        check_echo_truncation(self.train.batch_size, self.train.d_max, self.train.replace,
+                              clip.high if clip is not None else None,
+                              names={"d_max": "train.d_max", "batch_size": "train.batch_size",
+                                     "clip_factor": "sweep.search.clip_factor.high"})
         return self
 
 

@@ -1,7 +1,8 @@
 """Evaluate every completed sweep trial's final checkpoint on the test set.
 
 For each trial: test rate, distortion and -ELBO = R + D (nats, one encoder sample per example),
-and the importance-weighted bound -log p(x) >= -IWAE_k where the method's marginal is a density.
+how the rate was obtained (`rate_kind`: exact, analytic_kl or single_sample_bound; see
+`echo.Autoencoder.rate_kind`), and the importance-weighted bound -log p(x) >= -IWAE_k where the method's marginal is a density.
 Echo's marginal q(z) = E_x q(z|x) has no closed form, so Echo gets no IWAE bound; its -ELBO is
 already tight in the rate (Eq. 4, exact). Trials that did not complete (nonfinite, failed) are
 kept as rows without metrics so later stages can say what was excluded and why.
@@ -19,11 +20,13 @@ from tqdm.auto import tqdm
 
 from echo import echo_low_rate_limit
 from echo.train import atomic_write, evaluate, iwae_neg_log_likelihood, load_model, resolve_device
+from pipeline.aggregate import best_at_beta
+from pipeline.comparison import comparison_metrics
 
 # The contract of results/sweep.csv written by the sweep stage.
-SWEEP_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "lr",
+SWEEP_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
                  "clip_factor", "status", "error", "checkpoint")
-METRIC_COLUMNS = ("rate", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik",
+METRIC_COLUMNS = ("rate", "rate_kind", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik",
                   "low_rate_limit", "note")
 EVALUATION_COLUMNS = SWEEP_COLUMNS + METRIC_COLUMNS
 NO_DENSITY_NOTE = ("no IWAE bound: the marginal q(z) has no closed-form density (exact-rate "
@@ -64,7 +67,7 @@ def evaluate_checkpoint(checkpoint: str | Path, x_test: torch.Tensor, *, batch_s
     # batch so the truncated sum keeps the precision its clipping factor was solved for.
     batch = max(batch_size, config.batch_size)
     metrics = evaluate(model, x, batch, beta=config.beta)
-    row = {**metrics, "iwae_k": np.nan, "iwae_neg_log_lik": np.nan, "low_rate_limit": np.nan,
+    row = {**metrics, "rate_kind": model.rate_kind, "iwae_k": np.nan, "iwae_neg_log_lik": np.nan, "low_rate_limit": np.nan,
            "note": ""}
     if model.has_density:
         row["iwae_k"] = iwae_k
@@ -100,27 +103,24 @@ def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int
     return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
 
 
-def best_at_beta(evaluation: pd.DataFrame, beta: float = TABLE_BETA) -> pd.DataFrame:
-    """Per method, the completed trial with the lowest test -ELBO among those trained at beta
-    (several when the sweep also varies lr, clipping factor, architecture or latent size)."""
-    done = evaluation[(evaluation["status"] == "completed")
-                      & np.isclose(evaluation["beta"].astype(float), beta)
-                      & np.isfinite(evaluation["neg_elbo"].astype(float))]
-    if done.empty:
-        return done
-    best = done.loc[done.groupby("method", sort=False)["neg_elbo"].idxmin()]
-    return best.set_index("method")
-
-
-def metrics_summary(evaluation: pd.DataFrame, beta: float = TABLE_BETA) -> dict:
-    """metrics.json: per method, the best test -ELBO at beta (with its R, D and IWAE bound)."""
+def metrics_summary(evaluation: pd.DataFrame, comparison: pd.DataFrame | None = None,
+                    beta: float = TABLE_BETA) -> dict:
+    """metrics.json: per method, the best test -ELBO at beta (mean over seeds, with its R, D,
+    IWAE bound, their standard errors and the seed count), and the curve comparisons
+    (`pipeline.comparison`), so that `dvc metrics diff` compares experiments on both."""
     summary = {}
     for method, row in best_at_beta(evaluation, beta).iterrows():
-        entry = {k: float(row[k]) for k in ("neg_elbo", "rate", "distortion")}
-        if math.isfinite(float(row["iwae_neg_log_lik"])):
-            entry["iwae_neg_log_lik"] = float(row["iwae_neg_log_lik"])
+        entry = {}
+        for name in ("neg_elbo", "rate", "distortion", "iwae_neg_log_lik"):
+            for key in (name, f"{name}_sem"):
+                if math.isfinite(float(row[key])):
+                    entry[key] = float(row[key])
+        entry.update(n_seeds=int(row["n_seeds"]), rate_kind=str(row["rate_kind"]))
         summary[method] = entry
-    return {"beta": beta, "best_test_neg_elbo": summary}
+    out = {"beta": beta, "best_test_neg_elbo": summary}
+    if comparison is not None:
+        out["comparison"] = comparison_metrics(comparison)
+    return out
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> None:

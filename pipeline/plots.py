@@ -1,7 +1,9 @@
 """Figures of the frontier stage: rate-distortion curves and reconstructions along them.
 
-- `rd_curves`: distortion against rate per method (paper Figs. 3-5): every evaluated trial as a
-  faint point, the Pareto frontier as a line, its lower-convex-hull points filled; dotted
+- `rd_curves`: distortion against rate per method (paper Figs. 3-5): every evaluated trial
+  (each seed) as a faint point, each point's mean over seeds with error bars of one standard
+  error in rate and distortion, the Pareto frontier of the means as a line, its
+  lower-convex-hull points filled; the legend says how each method's rate was obtained; dotted
   iso-lines R + D = const (equal -ELBO); Echo's low-rate limit -d_z log r (Sec. 5) dashed.
 - `reconstructions`: test images and the frontier models' reconstructions at the lowest, a
   middle and the highest rate of each method, each the mean of `samples` decoder outputs over
@@ -21,7 +23,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from echo.train import atomic_write, load_model  # noqa: E402
-from pipeline.frontier import completed, series_labels  # noqa: E402
+from pipeline.aggregate import seed_points, seed_trials  # noqa: E402
+from pipeline.report import rate_kind_label  # noqa: E402
 
 RECON_IMAGES = 8                # test images per row of reconstructions.png
 LEVELS = ("low", "middle", "high")
@@ -42,21 +45,28 @@ def _iso_elbo_levels(total: np.ndarray) -> np.ndarray:
 
 def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path, *,
               title: str = "") -> None:
-    points = completed(evaluation).copy()
+    points = seed_trials(evaluation)
     fig, ax = plt.subplots(figsize=(7, 5))
     if points.empty:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
         _save(fig, path)
         return
-    points["series"] = series_labels(points)
+    means = seed_points(evaluation)
+    seeds = int(means["n_seeds"].max())
     colors = dict(zip(points["series"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]
                       * 4))
     for series, group in points.groupby("series", sort=False):
         color = colors[series]
-        ax.scatter(group["rate"], group["distortion"], color=color, alpha=0.3, s=14)
+        ax.scatter(group["rate"], group["distortion"], color=color, alpha=0.25, s=10)
+        mean = means[means["series"] == series]
+        if seeds > 1:     # one standard error over seeds, both ways (NaN for a lone seed)
+            ax.errorbar(mean["rate"], mean["distortion"], xerr=mean["rate_sem"],
+                        yerr=mean["distortion_sem"], fmt="none", ecolor=color, elinewidth=1,
+                        capsize=2, alpha=0.8)
         front = frontier[frontier["series"] == series].sort_values("rate")
+        kind = rate_kind_label(group["rate_kind"].iloc[0])
         ax.plot(front["rate"], front["distortion"], "-o", color=color, markerfacecolor="white",
-                markersize=5, label=series)
+                markersize=5, label=f"{series} (rate: {kind})")
         hull = front[front["on_hull"].astype(bool)]
         ax.plot(hull["rate"], hull["distortion"], "o", color=color, markersize=5)
     echo_color = next((colors[s] for s in colors if s.split()[0] == "echo"), "black")
@@ -79,6 +89,9 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
     ax.set_xlabel("rate R (nats)")
     ax.set_ylabel("distortion D (nats)")
     ax.set_title(title or "Rate-distortion (test set); dotted: R + D = const")
+    if seeds > 1:
+        ax.text(0.99, 0.99, f"mean of {seeds} seeds ± 1 standard error; faint: each seed",
+                ha="right", va="top", fontsize=7, transform=ax.transAxes)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.2)
     _save(fig, path)

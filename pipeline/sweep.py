@@ -22,6 +22,7 @@ Design (docs/sweep.md explains it at length):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,6 +30,8 @@ import math
 import os
 import pickle
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -60,7 +63,8 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"
 
 RESULTS_CSV = Path("results/sweep.csv")
 CHECKPOINT_DIR = Path("results/checkpoints")
-CSV_COLUMNS = ["trial_id", "method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
+CSV_COLUMNS = ["trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
+               "clip_factor",
                "status", "error", "epochs_done", "checkpoint", "mlflow_run_id", *EPOCH_METRICS]
 STATE_FILE = "echo_sweep.json"     # beside Ray's state in <storage>/<name>: uid + settings
 RECON_COUNT = 8                    # test images in the reconstruction grid
@@ -76,22 +80,29 @@ class SweepInterrupted(SweepError):
 
 # -- the grid and its search ---------------------------------------------------------------
 def trial_name(point: dict, sample: int, num_samples: int) -> str:
-    """Readable, deterministic trial id, e.g. `echo_b0.3_mlp_z32` (`_s1` for repeated samples);
-    `echo_betas_mlp_z32` for a packed point (all betas in one trial)."""
+    """Readable, deterministic trial id, e.g. `echo_b0.3_mlp_z32` (`_seed1` when the sweep has
+    several seeds, `_s1` for repeated Optuna samples); `echo_betas_mlp_z32` for a packed point
+    (all betas in one trial)."""
     beta = f"b{point['beta']:g}" if "beta" in point else "betas"
     name = f"{point['method']}_{beta}_{point['arch']}_z{point['latent_dim']}"
+    if "seed" in point:
+        name = f"{name}_seed{point['seed']}"
     return f"{name}_s{sample}" if num_samples > 1 else name
 
 
 def grid_points(params: Params) -> list[dict]:
-    """The searcher's grid; with `sweep.pack_betas` a point has no beta but all `betas`."""
+    """The searcher's grid; with `sweep.pack_betas` a point has no beta but all `betas`. With
+    several `sweep.seeds` each point is repeated per seed (its `seed` key); with one, the seed
+    is the trials' shared setting (`trial_base`) and names stay as before seeds existed."""
     s = params.sweep
+    seeds = [{"seed": seed} for seed in s.seeds] if len(s.seeds) > 1 else [{}]
     if s.pack_betas:
         return [{"method": m, "betas": [float(b) for b in s.betas], "arch": a,
-                 "latent_dim": int(z)}
-                for m, a, z in itertools.product(s.methods, s.archs, s.latent_dims)]
-    return [{"method": m, "beta": float(b), "arch": a, "latent_dim": int(z)}
-            for m, b, a, z in itertools.product(s.methods, s.betas, s.archs, s.latent_dims)]
+                 "latent_dim": int(z), **seed}
+                for m, a, z, seed in itertools.product(s.methods, s.archs, s.latent_dims, seeds)]
+    return [{"method": m, "beta": float(b), "arch": a, "latent_dim": int(z), **seed}
+            for m, b, a, z, seed in itertools.product(s.methods, s.betas, s.archs,
+                                                      s.latent_dims, seeds)]
 
 
 def trial_members(config: dict) -> list[dict]:
@@ -182,8 +193,6 @@ class GridOptunaSearch(PickledState, Searcher):
         self.assigned[trial_id] = index
         config = {**self.base, **point, **searched, "sample": sample,
                   "trial_id": trial_name(point, sample, self.num_samples)}
-        if study is None and self.num_samples > 1:
-            config["seed"] = self.base["seed"] + sample      # replicates differ by seed
         if point["method"] != "echo":
             config["clip_factor"] = None
         if "betas" in point:        # packed: the ids of its per-beta trials (`trial_members`)
@@ -219,7 +228,7 @@ class GridPointASHA(PickledState, FIFOScheduler):
     def _of(self, trial):
         from ray.tune.schedulers import ASHAScheduler
         c = trial.config
-        key = (c["method"], c["beta"], c["arch"], c["latent_dim"])
+        key = (c["method"], c["beta"], c["arch"], c["latent_dim"], c.get("seed"))
         if key not in self.schedulers:
             self.schedulers[key] = ASHAScheduler(**self.options)
         return self.schedulers[key]
@@ -454,7 +463,7 @@ def trial_base(params: Params, root: Path) -> dict:
         "epochs": params.train.epochs, "batch_size": params.train.batch_size,
         "lr": params.train.lr, "lr_decay_start": params.train.lr_decay_start,
         "beta_warmup_steps": params.train.beta_warmup_steps,
-        "seed": params.train.seed, "device": params.train.device,
+        "seed": params.sweep.seeds[0], "device": params.train.device,
         "d_max": params.train.d_max, "replace": params.train.replace,
         "clip_factor": solve_clip_factor(echo_terms(params)),
         "train_limit": params.sweep.train_limit, "test_limit": params.sweep.test_limit,
@@ -481,7 +490,7 @@ def fingerprint(params: Params, root: Path | None = None) -> dict:
     # download / check_sizes cannot change the data; every other data field can.
     data = params.data.model_dump(exclude={"download", "check_sizes"})
     sweep = params.sweep.model_dump(include={
-        "methods", "betas", "archs", "latent_dims", "search", "asha", "train_limit",
+        "methods", "betas", "archs", "latent_dims", "seeds", "search", "asha", "train_limit",
         "test_limit"})
     # Packing changes what the trials are. Only present when on, so that experiments started
     # before the option existed keep their fingerprint and still resume.
@@ -493,7 +502,9 @@ def fingerprint(params: Params, root: Path | None = None) -> dict:
 
 
 def check_inputs(params: Params, root: Path) -> None:
-    """Fail before Ray starts: the data must load and hold at least one batch."""
+    """Fail before Ray starts: the device must exist here (for a local Ray), the data must
+    load and hold at least one batch, and every output folder must take a write."""
+    check_device(params)
     base = trial_base(params, root)
     cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0],
                         "clip_factor": None})
@@ -506,12 +517,126 @@ def check_inputs(params: Params, root: Path) -> None:
     if n < params.train.batch_size:
         raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
                          f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
+    check_outputs(params, root)
+
+
+def check_device(params: Params) -> None:
+    """`train.device` must exist on this machine when the trials run here. On a cluster
+    ($RAY_ADDRESS) they run on its nodes, which the driver cannot look into: not checked."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from echo.train import device_problem
+    problem = device_problem(params.train.device)
+    if problem:
+        # Every trial would crash on it, be retried, and the sweep would end with no results.
+        raise SweepError(f"train.device={params.train.device!r}: {problem}; set train.device: "
+                         f"auto or cpu, or run on a machine or Ray cluster ($RAY_ADDRESS) with it")
+
+
+def check_local_gpus(params: Params) -> None:
+    """With a Ray this driver started, trials asking for more GPUs than it found would wait
+    forever (Ray warns once a minute): refuse. A cluster may still add GPU nodes: not checked."""
+    wanted = params.sweep.resources.gpu
+    found = ray.cluster_resources().get("GPU", 0)
+    if wanted > found:
+        raise SweepError(f"sweep.resources.gpu={wanted:g} but this machine's Ray found "
+                         f"{found:g} GPU(s), so no trial could start; set sweep.resources.gpu: 0 "
+                         f"or join a Ray cluster with GPUs ($RAY_ADDRESS)")
+
+
+PROBE_BYTES = 1 << 20     # a write of this size must succeed in every output folder
+
+
+def output_folders(params: Params, root: Path) -> list[tuple[str, Path]]:
+    """(what, folder) of everything the sweep writes on this machine."""
+    from pipeline.tracking import resolve_tracking_uri
+    folders = [("results/ (results/sweep.csv, results/checkpoints)", root / RESULTS_CSV.parent),
+               ("mlartifacts/ (MLflow artifacts)", root / "mlartifacts")]
+    if "://" not in params.sweep.storage_path:
+        folders.append(("sweep.storage_path", Path(storage_uri(params, root))))
+    uri = resolve_tracking_uri(params.tracking.uri, root)
+    if uri.startswith("sqlite:///"):
+        folders.append(("tracking.uri", Path(uri[len("sqlite:///"):]).parent))
+    return folders
+
+
+def check_outputs(params: Params, root: Path) -> None:
+    """Every output folder takes a file of PROBE_BYTES now (read-only, full, or a file where
+    the folder should be), instead of an OSError after every trial trained."""
+    for what, folder in output_folders(params, root):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(bytes(PROBE_BYTES))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                os.unlink(probe)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise SweepError(f"{what}: cannot write to {folder} ({reason}); make it writable or "
+                             f"free space there before the sweep trains") from None
 
 
 def storage_uri(params: Params, root: Path) -> str:
     """Ray needs an absolute storage path; URIs (s3://, gs://) are used as they are."""
     path = params.sweep.storage_path
     return path if "://" in path else str((root / path).resolve())
+
+
+class SweepLocked(SweepError):
+    """Another driver is running the same experiment."""
+
+
+@contextlib.contextmanager
+def experiment_lock(storage: str, name: str):
+    """Hold `<storage>/.<name>.lock` (an OS lock: released when the process ends, however it
+    ends) while this driver runs the experiment; SweepLocked, naming the holder, if another
+    driver holds it. DVC's lock covers `dvc repro` only, not `python -m stages.sweep` or `ray
+    submit` beside it: two drivers would train into one Tune experiment and log every MLflow
+    epoch twice. A URI storage (s3://) has no such lock: nothing is held there."""
+    if "://" in storage:
+        yield
+        return
+    from filelock import FileLock, Timeout
+    folder = Path(storage)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / f".{name}.lock"), timeout=0)
+    owner = folder / f".{name}.owner.json"        # the lock file itself is truncated on open
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            held = json.loads(owner.read_text())
+            who = (f"pid {held['pid']} on {held['host']}, since {held['started']}: "
+                   f"{held['command']}")
+        except (OSError, ValueError, KeyError):
+            who = f"holding {folder / f'.{name}.lock'}"
+        raise SweepLocked(f"sweep {name!r} is already running in another driver ({who}); wait "
+                          f"for it to end (or stop it) and run the stage again") from None
+    try:
+        tmp = owner.with_name(owner.name + ".tmp")
+        tmp.write_text(json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": " ".join(getattr(sys, "orig_argv", None) or ["python", *sys.argv])}))
+        os.replace(tmp, owner)
+        yield
+    finally:
+        lock.release()
+
+
+def stored_uid(experiment: str) -> str | None:
+    """The uid in an experiment folder's STATE_FILE, None if it has none."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
+                                              else Path(experiment).as_uri())
+    try:
+        with fs.open_input_stream(f"{path}/{STATE_FILE}") as fh:
+            return json.loads(fh.read().decode())["uid"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
@@ -585,51 +710,104 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
     sweep = params.sweep
     storage = storage_uri(params, root)
     experiment = f"{storage}/{sweep.name}"
-    started = connect_ray()
+    with experiment_lock(storage, sweep.name):
+        started = connect_ray()
+        try:
+            if started and not os.environ.get("RAY_ADDRESS"):
+                check_local_gpus(params)
+            previous = stored_uid(experiment)
+            uid, resumable = experiment_uid(experiment, fingerprint(params, root))
+            tracker = SweepTracker(
+                resolve_tracking_uri(params.tracking.uri, root), params.tracking.experiment,
+                sweep.name, uid, artifact_root=root / "mlartifacts",
+                parent_params={"dataset": params.data.dataset, "epochs": params.train.epochs,
+                               "methods": ",".join(sweep.methods),
+                               "betas": ",".join(f"{b:g}" for b in sweep.betas),
+                               "archs": ",".join(sweep.archs),
+                               "latent_dims": ",".join(map(str, sweep.latent_dims)),
+                               "num_samples": sweep.search.num_samples}).open()
+            if previous is not None and previous != uid:
+                # The params changed and the old experiment was archived: its runs still open
+                # (a killed or interrupted driver) will never be resumed; close them.
+                tracker.close_sweep(previous)
+            return _fit_and_collect(params, root, experiment, storage, resumable, tracker,
+                                    callbacks, verbose)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class SweepFailed(SweepError):
+    """Every trial ended, but none completed: there are no results to record."""
+
+
+def _fit_and_collect(params: Params, root: Path, experiment: str, storage: str, resumable: bool,
+                     tracker, callbacks: tuple, verbose: int):
+    sweep = params.sweep
+    statuses = _TrialStatus()
+    all_callbacks = [tracker, statuses, *callbacks]
+    trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
+                                                  "gpu": sweep.resources.gpu})
+    if resumable and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+        # The run config (callbacks included) is restored from the pickled first run; use
+        # this run's callbacks, with the tracker connected to the current store.
+        tuner._local_tuner.get_run_config().callbacks = all_callbacks
+    else:
+        run_config = tune.RunConfig(
+            name=sweep.name, storage_path=storage, verbose=verbose, callbacks=all_callbacks,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            # Tune snapshots its state whenever a trial has saved num_to_keep checkpoints:
+            # 4 keeps that rare.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4))
+        tuner = tune.Tuner(trainable, tune_config=tune_config(params, root),
+                           run_config=run_config)
+    tuner.fit()
+    expected = len(grid_points(params)) * sweep.search.num_samples
+    unfinished = [t for t, s in statuses.status.items() if s not in ("TERMINATED", "ERROR")]
+    missing = expected - len(statuses.status) + len(unfinished)
+    if missing:
+        tracker.finish_sweep("KILLED")
+        raise SweepInterrupted(
+            f"sweep {sweep.name!r} stopped with {missing} of {expected} trials unfinished; "
+            f"run the stage again to resume it from {experiment}")
+    ended = {id(t): trial_outcome(t) for t in statuses.trials}
+    if not any(status == "completed" for status, _ in ended.values()):
+        # Nothing to evaluate: exit non-zero (DVC records nothing) instead of an empty table
+        # that evaluate and frontier would accept. The child runs are closed with their reason.
+        for trial in statuses.trials:
+            status, error = ended[id(trial)]
+            for config in trial_members(trial.config):
+                tracker.finish_trial(config, status, error)
+        tracker.finish_sweep("FAILED")
+        counts = {}
+        for status, _ in ended.values():
+            counts[status] = counts.get(status, 0) + 1
+        first = next((error for _, error in ended.values() if error), "")
+        raise SweepFailed(
+            f"sweep {sweep.name!r}: no trial completed "
+            f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}"
+            f"{f'; first error: {first}' if first else ''}); nothing written to {RESULTS_CSV}; "
+            f"fix the cause and run the stage again (failed trials are retried, changed params "
+            f"start a new sweep)")
     try:
-        uid, resumable = experiment_uid(experiment, fingerprint(params, root))
-        tracker = SweepTracker(
-            resolve_tracking_uri(params.tracking.uri, root), params.tracking.experiment,
-            sweep.name, uid, artifact_root=root / "mlartifacts",
-            parent_params={"dataset": params.data.dataset, "epochs": params.train.epochs,
-                           "methods": ",".join(sweep.methods),
-                           "betas": ",".join(f"{b:g}" for b in sweep.betas),
-                           "archs": ",".join(sweep.archs),
-                           "latent_dims": ",".join(map(str, sweep.latent_dims)),
-                           "num_samples": sweep.search.num_samples}).open()
-        statuses = _TrialStatus()
-        all_callbacks = [tracker, statuses, *callbacks]
-        trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
-                                                      "gpu": sweep.resources.gpu})
-        if resumable and tune.Tuner.can_restore(experiment):
-            tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
-            # The run config (callbacks included) is restored from the pickled first run; use
-            # this run's callbacks, with the tracker connected to the current store.
-            tuner._local_tuner.get_run_config().callbacks = all_callbacks
-        else:
-            run_config = tune.RunConfig(
-                name=sweep.name, storage_path=storage, verbose=verbose, callbacks=all_callbacks,
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                # Tune snapshots its state whenever a trial has saved num_to_keep checkpoints:
-                # 4 keeps that rare.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=4))
-            tuner = tune.Tuner(trainable, tune_config=tune_config(params, root),
-                               run_config=run_config)
-        tuner.fit()
-        expected = len(grid_points(params)) * sweep.search.num_samples
-        unfinished = [t for t, s in statuses.status.items() if s not in ("TERMINATED", "ERROR")]
-        missing = expected - len(statuses.status) + len(unfinished)
-        if missing:
-            tracker.finish_sweep("KILLED")
-            raise SweepInterrupted(
-                f"sweep {sweep.name!r} stopped with {missing} of {expected} trials unfinished; "
-                f"run the stage again to resume it from {experiment}")
         table = collect_results(statuses.trials, tracker, root)
-        tracker.finish_sweep("FINISHED")
-        return table
-    finally:
-        if started:
-            ray.shutdown()
+    except OSError as err:
+        tracker.finish_sweep("FAILED")
+        raise SweepError(f"cannot write the sweep's results under {root / 'results'} "
+                         f"({err.strerror or err}); make room or make it writable and run the "
+                         f"stage again: the trained trials are kept and are not retrained") from None
+    tracker.finish_sweep("FINISHED")
+    return table
+
+
+def trial_outcome(trial) -> tuple[str, str]:
+    """(status, error) of an ended Tune trial: completed, nonfinite or failed."""
+    if trial.status == "ERROR":
+        return "failed", trial_error_text(trial)
+    if (trial.last_result or {}).get("status") == "nonfinite":
+        return "nonfinite", trial.last_result.get("error", "")
+    return "completed", ""
 
 
 def tune_config(params: Params, root: Path) -> tune.TuneConfig:
@@ -637,7 +815,7 @@ def tune_config(params: Params, root: Path) -> tune.TuneConfig:
     points = grid_points(params)
     searcher = GridOptunaSearch(points, [search_space(params, p["method"]) for p in points],
                                 trial_base(params, root), sweep.search.num_samples,
-                                metric=sweep.search.metric, mode="min", seed=params.train.seed)
+                                metric=sweep.search.metric, mode="min", seed=params.sweep.seeds[0])
     scheduler = None
     if sweep.asha:
         scheduler = GridPointASHA(metric=sweep.search.metric, mode="min",
@@ -662,12 +840,7 @@ def collect_results(trials, tracker, root: Path):
     rows = []
     try:
         for trial in trials:
-            if trial.status == "ERROR":
-                status, error = "failed", trial_error_text(trial)
-            elif (trial.last_result or {}).get("status") == "nonfinite":
-                status, error = "nonfinite", trial.last_result.get("error", "")
-            else:
-                status, error = "completed", ""
+            status, error = trial_outcome(trial)
             members = trial_members(trial.config)
             copied = status == "completed" and trial.checkpoint is not None
             if copied:     # one download of the trial's checkpoint for all its members
@@ -702,7 +875,8 @@ def csv_row(config: dict, metrics: dict, status: str, error: str, checkpoint: st
     """One CSV row (without its MLflow run id) of one per-beta trial."""
     return {"trial_id": config["trial_id"], "method": config["method"],
             "dataset": config["dataset"], "arch": config["arch"],
-            "latent_dim": config["latent_dim"], "beta": config["beta"], "lr": config["lr"],
+            "latent_dim": config["latent_dim"], "beta": config["beta"], "seed": config["seed"],
+            "lr": config["lr"],
             "clip_factor": config["clip_factor"], "status": status, "error": error,
             "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
             **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}}
@@ -730,5 +904,6 @@ def trial_error_text(trial) -> str:
     return lines[-1] if lines else "trial failed (no error recorded)"
 
 
-__all__ = ["CSV_COLUMNS", "GridOptunaSearch", "SweepError", "SweepInterrupted", "connect_ray",
+__all__ = ["CSV_COLUMNS", "GridOptunaSearch", "SweepError", "SweepFailed", "SweepInterrupted",
+           "SweepLocked", "connect_ray",
            "grid_points", "run_sweep", "train_trial", "trial_name"]

@@ -14,6 +14,7 @@ beta, the same as unpacked trials: every hook goes through `trial_members`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from ray import tune
 from pipeline.sweep import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, member_folder,
                             member_result, trial_error_text, trial_members)
 
-TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "lr", "clip_factor",
+TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "seed", "lr", "clip_factor",
                 "epochs", "batch_size")
 SWEEP_UID_TAG = "echo.sweep_uid"
 ROLE_TAG = "echo.role"
@@ -39,6 +40,22 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str((root / uri[len(prefix):]).resolve())
     return uri
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialise the first use of a SQLite store among drivers on this machine: two drivers
+    creating the schema of a new mlflow.db at once fail (`_alembic_tmp_experiments already
+    exists`). Other stores need no lock here."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    from filelock import FileLock
+    db = Path(uri[len(prefix):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=600):
+        yield
 
 
 class SweepTracker(tune.Callback):
@@ -73,13 +90,8 @@ class SweepTracker(tune.Callback):
         if self.client is not None:
             return self
         self.client = MlflowClient(tracking_uri=self.uri)
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is None:
-            self.artifact_root.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(
-                self.experiment, artifact_location=self.artifact_root.resolve().as_uri())
-        else:
-            self.experiment_id = found.experiment_id
+        with store_lock(self.uri):
+            self.experiment_id = self._experiment_id()
         parents = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{SWEEP_UID_TAG}` = '{self.sweep_uid}' "
@@ -95,6 +107,39 @@ class SweepTracker(tune.Callback):
             self.client.log_batch(self.parent_id, params=[
                 Param(k, _param_text(v)) for k, v in self.parent_params.items()])
         return self
+
+    def _experiment_id(self) -> str:
+        """Find or create the experiment. Another sweep's driver may create it between the
+        look-up and the creation (a server store has no lock): then it is found again."""
+        from mlflow.exceptions import MlflowException
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        self.artifact_root.mkdir(parents=True, exist_ok=True)
+        try:
+            return self.client.create_experiment(
+                self.experiment, artifact_location=self.artifact_root.resolve().as_uri())
+        except MlflowException:
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def close_sweep(self, sweep_uid: str, status: str = "KILLED") -> int:
+        """End the parent and child runs of another (archived) sweep of this experiment that
+        are still RUNNING: its driver was killed or interrupted, and it will never resume.
+        Returns how many runs were closed."""
+        self.open()
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{SWEEP_UID_TAG}` = '{sweep_uid}' and attributes.status = "
+                          f"'RUNNING'", max_results=50000)
+        for run in runs:
+            if run.data.tags.get(ROLE_TAG) == "trial" and \
+                    run.data.tags.get("status") == "running":
+                self.client.set_tag(run.info.run_id, "status", "interrupted")
+            self.client.set_terminated(run.info.run_id, status)
+        return len(runs)
 
     def child_runs(self) -> dict[str, str]:
         """trial_id -> child run id, for every child of this sweep's parent run."""
@@ -125,7 +170,7 @@ class SweepTracker(tune.Callback):
                 tags={PARENT_TAG: self.parent_id, SWEEP_UID_TAG: self.sweep_uid,
                       ROLE_TAG: "trial", "trial_id": trial_id, "method": config["method"],
                       "dataset": config["dataset"], "beta": _param_text(config["beta"]),
-                      "status": "running"}).info.run_id
+                      "seed": _param_text(config.get("seed")), "status": "running"}).info.run_id
             self.client.log_batch(run_id, params=[
                 Param(k, _param_text(config.get(k))) for k in TRIAL_PARAMS])
             self._last_step[trial_id] = 0

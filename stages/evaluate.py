@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: every completed sweep trial's checkpoint on the test set ->
-results/evaluation.csv and metrics.json (best test -ELBO per method at beta = 1).
+results/evaluation.csv, results/comparison.csv (curve against curve, pipeline.comparison) and
+metrics.json (best test -ELBO per method at beta = 1, mean over seeds; the curve gaps).
 
     python -m stages.evaluate [--params params.yaml]
 
@@ -14,13 +15,27 @@ import argparse
 import sys
 
 from echo.data import DataError, load_prepared
+from pipeline.comparison import comparison_table
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
 from pipeline.evaluation import (EvaluationError, evaluate_sweep, metrics_summary, read_sweep,
                                  write_csv, write_json)
 
 SWEEP_CSV = "results/sweep.csv"
 EVALUATION_CSV = "results/evaluation.csv"
+COMPARISON_CSV = "results/comparison.csv"
 METRICS_JSON = "metrics.json"
+
+
+def checkpoint_hint(message: str) -> str:
+    """A damaged checkpoint of results/checkpoints is a DVC output of the sweep: deleting it
+    retrains nothing (the sweep's experiment still holds the trial as finished). Say what
+    restores it instead of the library's generic hint."""
+    generic = "; delete it to retrain from scratch"
+    if message.startswith("checkpoint ") and "cannot be loaded" in message:
+        message = message.replace(generic, "")
+        message += ("; restore it with `dvc checkout results/checkpoints` (or `dvc pull`), or "
+                    "rewrite the sweep's outputs with `dvc repro -f sweep`")
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +56,21 @@ def main(argv: list[str] | None = None) -> int:
                                iwae_k=settings.iwae_k, device=params.train.device,
                                seed=settings.seed)
     except (EvaluationError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {checkpoint_hint(str(err))}", file=sys.stderr)
         return 1
-    summary = metrics_summary(table)
+    comparison = comparison_table(table, seed=settings.seed)
+    summary = metrics_summary(table, comparison)
     write_csv(table, EVALUATION_CSV)
+    write_csv(comparison, COMPARISON_CSV)
     write_json(summary, METRICS_JSON)
     done = int((table["status"] == "completed").sum())
     print(f"evaluated {done} of {len(table)} trials on {len(x_test)} test images -> "
-          f"{EVALUATION_CSV}, {METRICS_JSON}")
+          f"{EVALUATION_CSV}, {COMPARISON_CSV}, {METRICS_JSON}")
     for method, entry in summary["best_test_neg_elbo"].items():
-        print(f"  {method}: best test -ELBO at beta={summary['beta']:g}: {entry['neg_elbo']:.2f}")
+        spread = f" ± {entry['neg_elbo_sem']:.2f} (sem, {entry['n_seeds']} seeds)" \
+            if "neg_elbo_sem" in entry else ""
+        print(f"  {method}: best test -ELBO at beta={summary['beta']:g}: "
+              f"{entry['neg_elbo']:.2f}{spread}")
     return 0
 
 

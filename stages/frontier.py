@@ -2,10 +2,11 @@
 
     python -m stages.frontier [--params params.yaml]
 
-Writes results/frontier.csv (Pareto-optimal points per method, flagged on the lower convex
-hull), results/rd_curves.png, results/reconstructions.png and results/table.md, and names the
-trials it left out (nonfinite / failed) on stderr and in table.md. Exit status 0 on success,
-1 for missing or bad inputs, 2 for bad params.
+Writes results/frontier.csv (Pareto-optimal seed-mean points per method with their standard
+errors, flagged on the lower convex hull), results/rd_curves.png, results/reconstructions.png
+and results/table.md (with the curve comparisons of results/comparison.csv, also printed), and
+names the trials it left out (nonfinite / failed) on stderr and in table.md. Exit status 0 on
+success, 1 for missing or bad inputs, 2 for bad params.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import pandas as pd
 
 from echo.data import DataError, load_prepared
+from pipeline.comparison import comparison_lines
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
 from pipeline.evaluation import EvaluationError, write_csv
 from pipeline.frontier import excluded, exclusion_reason, frontier_table
@@ -22,6 +24,7 @@ from pipeline.plots import rd_curves, reconstructions
 from pipeline.report import report, write_report
 
 EVALUATION_CSV = "results/evaluation.csv"
+COMPARISON_CSV = "results/comparison.csv"
 FRONTIER_CSV = "results/frontier.csv"
 RD_CURVES_PNG = "results/rd_curves.png"
 RECONSTRUCTIONS_PNG = "results/reconstructions.png"
@@ -40,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         evaluation = pd.read_csv(EVALUATION_CSV)
-    except FileNotFoundError:
-        print(f"error: {EVALUATION_CSV}: not found; run `dvc repro evaluate` first",
+        comparison = pd.read_csv(COMPARISON_CSV)
+    except FileNotFoundError as err:
+        print(f"error: {err.filename}: not found; run `dvc repro evaluate` first",
               file=sys.stderr)
         return 1
     for _, row in excluded(evaluation).iterrows():
@@ -59,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EvaluationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    write_report(report(evaluation, frontier, dataset), TABLE_MD)
+    write_report(report(evaluation, frontier, comparison, dataset), TABLE_MD)
     print(f"{len(frontier)} frontier points of {frontier['series'].nunique()} methods "
           f"({len(excluded(evaluation))} trials excluded) -> {FRONTIER_CSV}, {RD_CURVES_PNG}, "
           f"{RECONSTRUCTIONS_PNG}, {TABLE_MD}")
+    for line in comparison_lines(comparison):
+        print(line.replace("**", ""))
     return 0
 
 

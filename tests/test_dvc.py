@@ -95,13 +95,14 @@ TINY_PARAMS = {
     "data": {"dataset": "digits"},
     "train": {"epochs": 2, "batch_size": 50, "lr": 0.002, "device": "cpu"},
     "sweep": {"name": "tiny", "methods": ["echo", "vae"], "betas": [0.3, 1.0],
-              "archs": ["mlp"], "latent_dims": [4], "max_concurrent": 2, "train_limit": 300,
-              "test_limit": 100},
+              "archs": ["mlp"], "latent_dims": [4], "seeds": [0, 1], "max_concurrent": 2,
+              "train_limit": 300, "test_limit": 100},
     "evaluate": {"iwae_k": 8, "test_limit": 100},
     "frontier": {"recon_samples": 2},
 }
 OUTPUTS = ("data/prepared/digits.npz", "data/prepared/digits.manifest.json", "results/sweep.csv",
-           "results/evaluation.csv", "metrics.json", "results/frontier.csv",
+           "results/evaluation.csv", "results/comparison.csv", "metrics.json",
+           "results/frontier.csv",
            "results/rd_curves.png", "results/reconstructions.png", "results/table.md")
 
 
@@ -157,9 +158,13 @@ def test_dvc_repro_end_to_end(project: Path):
         assert (project / name).stat().st_size > 0, name
 
     sweep = pd.read_csv(project / "results/sweep.csv")
-    assert len(sweep) == 4 and set(sweep["status"]) == {"completed"}
+    # 2 methods x 2 betas x 2 seeds, each its own trial
+    assert len(sweep) == 8 and set(sweep["status"]) == {"completed"}
+    assert sweep.groupby(["method", "beta"])["seed"].apply(sorted).map(tuple).eq((0, 1)).all()
     evaluation = pd.read_csv(project / "results/evaluation.csv")
-    assert len(evaluation) == 4
+    assert len(evaluation) == 8
+    assert dict(zip(evaluation["method"], evaluation["rate_kind"])) == {
+        "echo": "exact", "vae": "analytic_kl"}
     vae = evaluation[evaluation["method"] == "vae"]
     echo = evaluation[evaluation["method"] == "echo"]
     # -IWAE_k is a bound at least as tight as the -ELBO (up to Monte-Carlo noise).
@@ -168,8 +173,18 @@ def test_dvc_repro_end_to_end(project: Path):
     assert np.all(echo["rate"] >= echo["low_rate_limit"] - 1e-6)     # Echo rate >= -d log r
     metrics = json.loads((project / "metrics.json").read_text())
     assert set(metrics["best_test_neg_elbo"]) == {"echo", "vae"}
-    assert "| echo |" in (project / "results/table.md").read_text()
-    _check_frontier(pd.read_csv(project / "results/frontier.csv"), evaluation)
+    best = metrics["best_test_neg_elbo"]["vae"]
+    assert best["n_seeds"] == 2 and best["neg_elbo_sem"] > 0 and best["rate_kind"] == "analytic_kl"
+    # The curve score: Echo against the VAE, with a bootstrap interval over the two seeds.
+    comparison = pd.read_csv(project / "results/comparison.csv")
+    row = comparison.iloc[0]
+    assert (row["series_a"], row["series_b"], row["rate_kind_a"]) == ("echo", "vae", "exact")
+    assert set(metrics["comparison"]) == {"echo_vs_vae"}
+    table = (project / "results/table.md").read_text()
+    assert "| echo |" in table and "- **echo vs vae**:" in table
+    frontier = pd.read_csv(project / "results/frontier.csv")
+    assert frontier["n_seeds"].eq(2).all() and frontier["distortion_sem"].gt(0).all()
+    _check_frontier(frontier, evaluation)
 
     # Nothing changed: nothing runs.
     assert _ran(_run(["dvc", "repro"], project)) == []
@@ -198,10 +213,12 @@ def test_dvc_repro_end_to_end(project: Path):
 
 
 def _check_frontier(frontier: pd.DataFrame, evaluation: pd.DataFrame) -> None:
-    """Only non-dominated points; per method rate rises while distortion falls."""
+    """Only non-dominated seed means; per method rate rises while distortion falls."""
+    from pipeline.aggregate import seed_points
     assert set(frontier["method"]) == set(evaluation["method"])
+    means = seed_points(evaluation)
     for method, front in frontier.groupby("method"):
-        points = evaluation[evaluation["method"] == method]
+        points = means[means["method"] == method]
         for _, p in front.iterrows():
             dominated = (points["rate"] <= p["rate"]) & (points["distortion"] <= p["distortion"]) \
                 & ((points["rate"] < p["rate"]) | (points["distortion"] < p["distortion"]))

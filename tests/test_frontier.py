@@ -89,16 +89,18 @@ def test_hull_matches_brute_force_chords(pts):
 def _evaluation(rows):
     import pandas as pd
     from pipeline.evaluation import EVALUATION_COLUMNS
-    base = {"dataset": "binary_mnist", "arch": "conv", "latent_dim": 32, "lr": 3e-4,
+    base = {"dataset": "binary_mnist", "arch": "conv", "latent_dim": 32, "seed": 0, "lr": 3e-4,
             "clip_factor": np.nan, "status": "completed", "error": "", "checkpoint": "",
             "iwae_k": np.nan, "iwae_neg_log_lik": np.nan, "low_rate_limit": np.nan, "note": ""}
+    kinds = {"echo": "exact", "vae": "analytic_kl"}
+    rows = [{"rate_kind": kinds.get(r["method"], "single_sample_bound"), **r} for r in rows]
     table = pd.DataFrame([{**base, **r} for r in rows])
     table["neg_elbo"] = table["rate"] + table["distortion"]
     return table[list(EVALUATION_COLUMNS)]
 
 
 EVALUATION_ROWS = [
-    dict(trial_id="e1", method="echo", beta=1.0, rate=20.0, distortion=70.0),
+    dict(trial_id="e1", method="echo", beta=1.5, rate=20.0, distortion=70.0),
     dict(trial_id="e2", method="echo", beta=0.5, rate=30.0, distortion=60.0),
     dict(trial_id="e3", method="echo", beta=1.0, rate=26.0, distortion=62.0),   # best at beta 1
     dict(trial_id="e4", method="echo", beta=2.0, rate=25.0, distortion=75.0),   # dominated by e1
@@ -126,17 +128,25 @@ def test_frontier_table_per_method_with_hull_flags():
 
 
 def test_table_2_puts_the_paper_beside_the_best_trial_at_beta_1():
+    from pipeline.comparison import comparison_table
     from pipeline.evaluation import metrics_summary
     from pipeline.frontier import frontier_table
     from pipeline.report import report
-    evaluation = _evaluation(EVALUATION_ROWS)
-    text = report(evaluation, frontier_table(evaluation), "binary_mnist")
+    evaluation = _evaluation(EVALUATION_ROWS + [
+        # a second Optuna sample of echo's beta-1 point (same seed): the lower D + R is kept
+        dict(trial_id="e5", method="echo", beta=1.0, rate=30.0, distortion=65.0)])
+    comparison = comparison_table(evaluation)
+    text = report(evaluation, frontier_table(evaluation), comparison, "binary_mnist")
     echo_row = next(line for line in text.splitlines() if line.startswith("| echo |"))
-    # e3 (-ELBO 88) beats e1 (90) at beta = 1; the paper's Echo: 26.8 / 61.9 / 88.7.
-    assert echo_row.split(" | ")[1:4] == ["26.0", "62.0", "88.0"]
+    # e3 (-ELBO 88) beats e5 (95) at beta = 1; the paper's Echo: 26.8 / 61.9 / 88.7.
+    assert echo_row.split(" | ")[1:5] == ["26.0", "exact", "62.0", "88.0"]
     assert "e3" in echo_row and echo_row.rstrip(" |").endswith("26.8 | 61.9 | 88.7")
     assert "91.0 (100)" in next(line for line in text.splitlines() if line.startswith("| vae |"))
     assert "`v4` (nonfinite): non-finite training loss at epoch 3" in text
     assert metrics_summary(evaluation)["best_test_neg_elbo"]["echo"]["neg_elbo"] == 88.0
     # No paper columns for a data set the paper did not use.
-    assert "paper R" not in report(evaluation, frontier_table(evaluation), "digits")
+    assert "paper R" not in report(evaluation, frontier_table(evaluation), comparison, "digits")
+    # One line per pair in words, Echo first, with the provenance of the two rates.
+    line = next(line for line in text.splitlines() if line.startswith("- **echo vs vae**"))
+    assert "nats of distortion at equal rate" in line and "no interval: one seed each" in line
+    assert "echo's rate is exact, vae's an upper bound (analytic kl)" in line.lower()

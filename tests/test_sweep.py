@@ -22,7 +22,7 @@ from echo.train import load_model  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.sweep import (CSV_COLUMNS, EPOCH_METRICS, GridPointASHA, SweepError,  # noqa: E402
                             SweepInterrupted, connect_ray, experiment_uid, fingerprint,
-                            run_sweep, tune_config)
+                            run_sweep, train_config, tune_config)
 from stages.sweep import main as stage_main  # noqa: E402
 
 
@@ -174,6 +174,25 @@ def test_grid_search_covers_every_point_with_its_own_optuna_study(tmp_path):
     assert all(0.4 <= c["clip_factor"] <= 0.7 for c in configs if c["method"] == "echo")
     assert all(c["clip_factor"] is None for c in configs if c["method"] == "vae")
     assert len({c["lr"] for c in configs}) == 12
+
+
+def test_seeds_are_a_grid_dimension_with_one_trial_per_seed(tmp_path):
+    params = tiny_params("seeds", seeds=[3, 7])
+    searcher = tune_config(params, tmp_path).search_alg
+    configs = [searcher.suggest(f"t{i}") for i in range(8)]
+    assert searcher.suggest("t8") == Searcher.FINISHED
+    names = [c["trial_id"] for c in configs]
+    assert names[:2] == ["echo_b0.5_mlp_z4_seed3", "echo_b0.5_mlp_z4_seed7"]
+    assert len(set(names)) == 8
+    assert {(c["method"], c["beta"], c["seed"]) for c in configs} == {
+        (m, b, s) for m in ("echo", "vae") for b in (0.5, 1.0) for s in (3, 7)}
+    assert train_config(configs[1]).seed == 7
+    # One seed: the names (and so resumable experiments) stay as before seeds existed.
+    single = tune_config(tiny_params("one", seeds=[5]), tmp_path).search_alg.suggest("t0")
+    assert single["trial_id"] == "echo_b0.5_mlp_z4" and single["seed"] == 5
+    # Replicates are seeds: repeated Optuna samples without a search range are refused.
+    with pytest.raises(ValueError, match="for replicates list seeds in sweep.seeds"):
+        tiny_params("x", search={"num_samples": 2})
 
 
 def test_asha_stops_only_worse_samples_of_the_same_grid_point():

@@ -42,6 +42,16 @@ class Autoencoder(nn.Module):
         """Whether p(z) is a density, so that importance-weighted likelihoods exist."""
         return self.marginal is not None
 
+    @property
+    def rate_kind(self) -> str:
+        """How the reported rate is obtained: "exact" (Echo's -log|det S(x)|, Eq. 4),
+        "analytic_kl" (KL(q(z|x) || p(z)) in closed form) or "single_sample_bound" (one sample of
+        log q(z|x) - log p(z)). Both of the latter estimate E_x KL(q(z|x) || p(z)), an upper
+        bound on I(X;Z); the single-sample one is unbiased but noisy."""
+        if getattr(self.channel, "exact_rate", False):
+            return "exact"
+        return self.marginal.rate_kind(self.channel)
+
     def encode(self, x: Tensor) -> Encoding:
         return self.channel(self.encoder(x))
 
