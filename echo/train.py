@@ -413,6 +413,55 @@ def _progress(config: TrainConfig, first_epoch: int) -> Callable[[dict], None]:
     return update
 
 
+def check_echo_truncation(batch_size: int, d_max: int | None = None, replace: bool = False,
+                          clip_factor: float | None = None, *, names: dict | None = None) -> None:
+    """Echo's truncation rule, the one check behind params.yaml and `python -m echo.train`:
+    without replacement the d_max noise terms are other examples of the batch (d_max <
+    batch_size), and the clipping factor may not exceed the r solving M r^d_max / (1 - r) =
+    2^-23 (`echo.clip_factor`), above which the dropped tail of the sum is not negligible.
+
+    Raises a one-line ValueError; `names` maps "d_max", "batch_size", "clip_factor" to how the
+    caller spells them (e.g. "train.d_max", "--option d_max")."""
+    from .noise import clip_factor as solve_clip_factor
+    name = {"d_max": "d_max", "batch_size": "batch_size", "clip_factor": "clip_factor",
+            **(names or {})}
+    if d_max is not None and (isinstance(d_max, bool) or not isinstance(d_max, int) or d_max < 1):
+        raise ValueError(f"{name['d_max']} must be a positive integer, got {d_max!r}")
+    if clip_factor is not None and (isinstance(clip_factor, bool)
+                                    or not isinstance(clip_factor, (int, float))
+                                    or not 0 < clip_factor < 1):
+        raise ValueError(f"{name['clip_factor']} must lie in (0, 1), got {clip_factor!r}")
+    terms = d_max if d_max is not None else batch_size - 1
+    if not replace and terms >= batch_size:
+        raise ValueError(f"{name['d_max']}={terms} must be < {name['batch_size']}={batch_size} "
+                         f"without replacement")
+    r_max = solve_clip_factor(terms)
+    if clip_factor is not None and clip_factor > r_max:
+        raise ValueError(f"{name['clip_factor']}={clip_factor} exceeds {r_max:.4f}, the largest "
+                         f"clipping factor whose truncated Echo tail stays below float32 "
+                         f"precision with d_max={terms}; allowed range (0, {r_max:.4f}]")
+
+
+def device_problem(name: str) -> str | None:
+    """Why the device `name` cannot be used on this machine, in a few words; None if it can."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "not a device name (auto, cpu, cuda, cuda:<index>, mps)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no usable CUDA GPU (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has only {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "this machine has no usable MPS device"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return f"device type {device.type!r} is not supported (auto, cpu, cuda, mps)"
+    return None
+
+
 def _parse_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -451,13 +500,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="on CUDA, launch every kernel from Python instead of replaying each "
                         "training step as one CUDA graph (needed for steps that sync the host)")
     args = p.parse_args(argv)
+    # Checked before anything loads, one line each: the same rule as params.yaml's, and a
+    # device this machine lacks (else a CUDA traceback after the data has loaded).
+    problem = device_problem(args.device)
+    if problem:
+        print(f"error: --device {args.device}: {problem}; use --device auto or cpu",
+              file=sys.stderr)
+        return 2
+    options = dict(args.option)
     try:
+        if args.method == "echo":
+            check_echo_truncation(args.batch_size, options.get("d_max"),
+                                  bool(options.get("replace", False)), options.get("clip_factor"),
+                                  names={"d_max": "--option d_max", "batch_size": "--batch-size",
+                                         "clip_factor": "--option clip_factor"})
         config = TrainConfig(method=args.method, dataset=args.dataset, data_root=args.data_root,
                              arch=args.arch, latent_dim=args.latent_dim, beta=args.beta,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              beta_warmup_steps=args.beta_warmup_steps,
                              seed=args.seed, device=args.device, train_limit=args.train_limit,
-                             test_limit=args.test_limit, method_options=dict(args.option),
+                             test_limit=args.test_limit, method_options=options,
                              cuda_graph=args.cuda_graph,
                              out=args.out, progress=not args.no_progress,
                              compile=args.compile)

@@ -533,14 +533,25 @@ def check_device(params: Params) -> None:
                          f"auto or cpu, or run on a machine or Ray cluster ($RAY_ADDRESS) with it")
 
 
-def check_local_gpus(params: Params) -> None:
-    """With a Ray this driver started, trials asking for more GPUs than it found would wait
+def local_gpu_count() -> float:
+    """The GPUs a Ray started here would register, counted the way Ray counts them (it honours
+    CUDA_VISIBLE_DEVICES), without starting it; torch's count if that internal API moved."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+        return get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    except Exception:  # noqa: BLE001 - a private API: fall back rather than fail the sweep
+        import torch
+        return torch.cuda.device_count()
+
+
+def check_local_gpus(params: Params, found: float | None = None) -> None:
+    """With a Ray this driver starts, trials asking for more GPUs than it has would wait
     forever (Ray warns once a minute): refuse. A cluster may still add GPU nodes: not checked."""
     wanted = params.sweep.resources.gpu
-    found = ray.cluster_resources().get("GPU", 0)
+    found = local_gpu_count() if found is None else found
     if wanted > found:
-        raise SweepError(f"sweep.resources.gpu={wanted:g} but this machine's Ray found "
-                         f"{found:g} GPU(s), so no trial could start; set sweep.resources.gpu: 0 "
+        raise SweepError(f"sweep.resources.gpu={wanted:g} but this machine has {found:g} "
+                         f"GPU(s) for Ray, so no trial could start; set sweep.resources.gpu: 0 "
                          f"or join a Ray cluster with GPUs ($RAY_ADDRESS)")
 
 
@@ -710,11 +721,11 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
     sweep = params.sweep
     storage = storage_uri(params, root)
     experiment = f"{storage}/{sweep.name}"
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_local_gpus(params)            # before Ray starts: seconds, not a hang
     with experiment_lock(storage, sweep.name):
         started = connect_ray()
         try:
-            if started and not os.environ.get("RAY_ADDRESS"):
-                check_local_gpus(params)
             previous = stored_uid(experiment)
             uid, resumable = experiment_uid(experiment, fingerprint(params, root))
             tracker = SweepTracker(

@@ -5,8 +5,10 @@ results/checkpoints/<trial_id>.pt, tracked in MLflow.
 
 Runs on this machine, or on the Ray cluster at $RAY_ADDRESS. Running it again after an
 interruption resumes the sweep (finished trials are kept). Exit status 0 when every trial has
-ended (completed, nonfinite or failed: see the status column), 1 when the sweep cannot start or
-was interrupted (run again to resume), 2 for bad params.
+ended (completed, nonfinite or failed: see the status column) and at least one completed; 1
+when the sweep cannot start (bad device, unwritable outputs, another driver running it), was
+interrupted (run again to resume) or no trial completed (no results/sweep.csv is written); 2
+for bad params.
 """
 from __future__ import annotations
 
