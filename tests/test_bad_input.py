@@ -96,6 +96,13 @@ NAMED_CASES = {
     "wrong_type_lr": ("train.lr", {"train": {"lr": "fast"}}),
     "boolean_as_number": ("train.epochs", {"train": {"epochs": True}}),
     "unknown_key": ("train.epoch", {"train": {"epoch": 3}}),
+    # Values the schema used to accept that fail only after start-up (issue 17, cases 4, 7).
+    "sweep_name_is_a_path": ("sweep.name", {"sweep": {"name": "../data"}}),
+    "empty_sweep_name": ("sweep.name", {"sweep": {"name": ""}}),
+    "empty_tracking_experiment": ("tracking.experiment", {"tracking": {"experiment": ""}}),
+    "unknown_tracking_scheme": ("tracking.uri", {"tracking": {"uri": "sqlit:///mlflow.db"}}),
+    "epochs_1e20": ("train.epochs", {"train": {"epochs": 1e20}}),
+    "unknown_device": ("train.device", {"train": {"device": "gpu"}}),
 }
 
 
@@ -134,7 +141,8 @@ def test_every_bad_field_stops_every_stage(stage, tmp_path, monkeypatch, capsys)
 
 CLI_CASES = [("prepare", "unknown_dataset"), ("sweep", "negative_beta"),
              ("sweep", "clip_factor_breaks_truncation_bound"), ("sweep", "d_max_not_below_batch"),
-             ("evaluate", "unknown_method"), ("frontier", "zero_epochs")]
+             ("evaluate", "unknown_method"), ("frontier", "zero_epochs"),
+             ("sweep", "sweep_name_is_a_path")]
 
 
 def test_named_bad_params_through_the_real_cli(tmp_path):
@@ -161,6 +169,52 @@ def test_named_bad_params_through_the_real_cli(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# The CLI of the library refuses what params.yaml refuses, with the same rule and message.
+TRAIN_CLI_CASES = {
+    "clip_factor_above_the_bound": (["--option", "clip_factor=0.99"],
+                                    {"sweep": {"search": {"clip_factor": {"low": 0.5,
+                                                                          "high": 0.99}}}}),
+    "d_max_not_below_batch": (["--option", "d_max=500"], {"train": {"d_max": 500}}),
+}
+CLI_NAMES = {"--option d_max": "train.d_max", "--batch-size": "train.batch_size",
+             "--option clip_factor": "sweep.search.clip_factor.high"}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CLI_CASES))
+def test_train_cli_refuses_what_params_yaml_refuses(case, tmp_path, monkeypatch, capsys):
+    """`python -m echo.train` (its main, in-process) with a value params.yaml refuses: exit 2
+    before training, one line, the message of params.yaml's with the CLI's names."""
+    from echo.train import main as train_main
+    from pipeline.config import ParamsError, load_params
+
+    args, raw = TRAIN_CLI_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    code = train_main(["--method", "echo", "--dataset", "digits", "--arch", "mlp",
+                       "--epochs", "1", "--no-progress", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert snapshot(tmp_path) == set()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as info:
+        load_params(tmp_path / "bad.yaml")
+    message = lines[0][len("error: "):]
+    for cli, field in CLI_NAMES.items():
+        message = message.replace(cli, field)
+    assert message in str(info.value), (message, str(info.value))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_cli_without_cuda_refuses_device_cuda(tmp_path, monkeypatch, capsys):
+    from echo.train import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    code = train_main(["--dataset", "digits", "--arch", "mlp", "--epochs", "1",
+                       "--no-progress", "--device", "cuda"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--device cuda" in lines[0] and "CUDA" in lines[0]
+    assert snapshot(tmp_path) == set()
 
 
 def test_missing_params_file_names_the_file(tmp_path, monkeypatch, capsys):

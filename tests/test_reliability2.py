@@ -130,7 +130,7 @@ def test_second_driver_refuses_naming_the_running_one(tmp_path, monkeypatch, cap
     good = load_checkpoint(target)["history"]
     target.write_bytes(target.read_bytes()[:100])
     assert evaluate_main(["--params", "params.yaml"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)           # (beside evaluate's progress bar)
     assert len(err) == 1 and str(target.relative_to(tmp_path)) in err[0], err
     assert "dvc repro -f sweep" in err[0] and "delete it" not in err[0], err[0]
     # What `dvc repro -f sweep` runs: the finished experiment is resumed, nothing retrains,
