@@ -7,7 +7,9 @@ metrics.json (best test -ELBO per method at beta = 1, mean over seeds; the curve
 Columns: the trial's sweep settings and status, test rate / distortion / -ELBO (nats), the
 IWAE bound with k = evaluate.iwae_k where the method's marginal is a density (else empty, with
 the reason in `note`), and Echo's low-rate limit. Exit status 0 on success, 1 for missing or bad
-inputs, 2 for bad params.
+inputs, 2 for bad params. Then the final test metrics go to each trial's MLflow child run and
+the three files to the sweep's parent run (pipeline.results_tracking; a tracking store it
+cannot reach is one warning line, still exit 0).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pipeline.comparison import comparison_table
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
 from pipeline.evaluation import (EvaluationError, evaluate_sweep, metrics_summary, read_sweep,
                                  write_csv, write_json)
+from pipeline.results_tracking import publish
 
 SWEEP_CSV = "results/sweep.csv"
 EVALUATION_CSV = "results/evaluation.csv"
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             if "neg_elbo_sem" in entry else ""
         print(f"  {method}: best test -ELBO at beta={summary['beta']:g}: "
               f"{entry['neg_elbo']:.2f}{spread}")
+    # The view in MLflow, after the files: a store it cannot reach is a warning, not a failure.
+    publish("evaluate", params, evaluation=table, sweep=sweep)
     return 0
 
 

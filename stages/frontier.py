@@ -6,7 +6,9 @@ Writes results/frontier.csv (Pareto-optimal seed-mean points per method with the
 errors, flagged on the lower convex hull), results/rd_curves.png, results/reconstructions.png
 and results/table.md (with the curve comparisons of results/comparison.csv, also printed), and
 names the trials it left out (nonfinite / failed) on stderr and in table.md. Exit status 0 on
-success, 1 for missing or bad inputs, 2 for bad params.
+success, 1 for missing or bad inputs, 2 for bad params. Then the four files go to the sweep's
+MLflow parent run (pipeline.results_tracking; a tracking store it cannot reach is one warning
+line, still exit 0).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pipeline.evaluation import EvaluationError, write_csv
 from pipeline.frontier import excluded, exclusion_reason, frontier_table
 from pipeline.plots import rd_curves, reconstructions
 from pipeline.report import report, write_report
+from pipeline.results_tracking import publish
 
 EVALUATION_CSV = "results/evaluation.csv"
 COMPARISON_CSV = "results/comparison.csv"
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{RECONSTRUCTIONS_PNG}, {TABLE_MD}")
     for line in comparison_lines(comparison):
         print(line.replace("**", ""))
+    # The view in MLflow, after the files: a store it cannot reach is a warning, not a failure.
+    publish("frontier", params)
     return 0
 
 

@@ -1,0 +1,233 @@
+"""MLflow view of a sweep's results: the evaluate and frontier stages' numbers and files.
+
+After the sweep (pipeline.tracking), every trial has a child run with per-epoch metrics. This
+module adds what the later stages compute, so that the MLflow UI shows the sweep's result:
+
+- evaluate: into each trial's child run the final test metrics `final_test_rate`,
+  `final_test_distortion`, `final_test_neg_elbo`, `final_test_iwae_neg_log_lik`, `iwae_k` (the
+  last two only where the method has an IWAE bound) and the tag `rate_kind`; and into the
+  sweep's parent run the artifacts evaluation.csv, comparison.csv and metrics.json;
+- frontier: into the parent run frontier.csv, rd_curves.png, reconstructions.png, table.md.
+
+The child run of a trial is the `mlflow_run_id` column of results/sweep.csv; the parent is that
+run's `mlflow.parentRunId` tag. Re-running a stage adds nothing that is already there: a final
+metric whose latest value is the same is not logged again (a changed value is appended one
+step later, so the UI shows the newest), and an artifact is overwritten under its name.
+
+The files are the results; MLflow is a view of them. So a store that cannot be reached (or
+holds no such runs) never fails a stage whose files are written: `publish` prints one warning
+line and returns, and `python -m pipeline.results_tracking` logs the existing files later.
+
+Deliberately independent of pipeline.tracking, which imports Ray Tune (seconds, and the sweep's
+code as DVC deps of evaluate/frontier); `resolve_tracking_uri` below is the same rule.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import PARAMS_FILE, ParamsError, load_params
+
+# evaluation.csv column -> final metric of the child run; prefixed so that they never mix with
+# the per-epoch `test_*` history the sweep logs (step = epoch).
+FINAL_METRICS = (("rate", "final_test_rate"), ("distortion", "final_test_distortion"),
+                 ("neg_elbo", "final_test_neg_elbo"),
+                 ("iwae_neg_log_lik", "final_test_iwae_neg_log_lik"), ("iwae_k", "iwae_k"))
+FINAL_TAGS = ("rate_kind",)
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_CSV = "results/sweep.csv"
+EVALUATION_CSV = "results/evaluation.csv"
+EVALUATE_ARTIFACTS = ("results/evaluation.csv", "results/comparison.csv", "metrics.json")
+FRONTIER_ARTIFACTS = ("results/frontier.csv", "results/rd_curves.png",
+                      "results/reconstructions.png", "results/table.md")
+# A tracking server that is down: fail after seconds, not after MLflow's default 7 retries
+# with exponential backoff (minutes), unless the user set these themselves.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The store cannot be used for these results; the message says why."""
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """A relative SQLite URI (`sqlite:///mlflow.db`) is taken relative to the project root (the
+    rule of pipeline.tracking.resolve_tracking_uri, which the sweep used to create the store)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((root / uri[len(prefix):]).resolve())
+    return uri
+
+
+@contextlib.contextmanager
+def _short_http_retries():
+    saved = {k: os.environ.get(k) for k in HTTP_DEFAULTS}
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _client(uri: str):
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        db = Path(uri[len(prefix):].split("?", 1)[0])
+        if not db.exists():
+            # Opening it would create an empty store that holds none of the sweep's runs.
+            raise TrackingUnavailable(f"{db}: no such MLflow store (the sweep stage creates it)")
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _run_ids(sweep: pd.DataFrame) -> dict[str, str]:
+    """trial_id -> child run id of the trials the sweep tracked."""
+    if "mlflow_run_id" not in sweep.columns:
+        return {}
+    ids = sweep.set_index("trial_id")["mlflow_run_id"]
+    return {t: str(r) for t, r in ids.items() if isinstance(r, str) and r.strip()}
+
+
+def _existing_runs(client, run_ids) -> dict[str, object]:
+    """run id -> Run, for the ids the store holds."""
+    from mlflow.exceptions import MlflowException
+    found = {}
+    for run_id in dict.fromkeys(run_ids):
+        try:
+            found[run_id] = client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    return found
+
+
+def log_final_metrics(client, evaluation: pd.DataFrame, sweep: pd.DataFrame) -> tuple[int, int]:
+    """Each evaluated trial's final test numbers into its child run, each value once.
+    Returns (child runs that hold them now, trials whose child run is missing)."""
+    from mlflow.entities import Metric, RunTag
+    ids = _run_ids(sweep)
+    rows = [r for _, r in evaluation.iterrows()
+            if r.get("status") == "completed" and math.isfinite(float(r["neg_elbo"]))]
+    runs = _existing_runs(client, [ids[r["trial_id"]] for r in rows if r["trial_id"] in ids])
+    logged = missing = 0
+    now = int(time.time() * 1000)
+    for row in rows:
+        run = runs.get(ids.get(row["trial_id"], ""))
+        if run is None:
+            missing += 1
+            continue
+        run_id, latest = run.info.run_id, run.data.metrics
+        metrics = []
+        for column, name in FINAL_METRICS:
+            value = float(row[column]) if pd.notna(row[column]) else math.nan
+            if not math.isfinite(value):
+                continue
+            if name in latest:
+                if math.isclose(latest[name], value, rel_tol=1e-12, abs_tol=0.0):
+                    continue                        # a re-run with the same result
+                # A different result (e.g. other evaluate params): append it as the newest.
+                step = max(m.step for m in client.get_metric_history(run_id, name)) + 1
+            else:
+                step = 0
+            metrics.append(Metric(name, value, now, step))
+        tags = [RunTag(name, str(row[name])) for name in FINAL_TAGS
+                if pd.notna(row.get(name)) and run.data.tags.get(name) != str(row[name])]
+        if metrics or tags:
+            client.log_batch(run_id, metrics=metrics, tags=tags)
+        logged += 1
+    return logged, missing
+
+
+def parent_runs(client, sweep: pd.DataFrame) -> list[str]:
+    """The sweep's parent run(s): the parents of the child runs in results/sweep.csv."""
+    runs = _existing_runs(client, _run_ids(sweep).values())
+    return list(dict.fromkeys(r.data.tags[PARENT_TAG] for r in runs.values()
+                              if PARENT_TAG in r.data.tags))
+
+
+def log_parent_artifacts(client, parents: list[str], files, root: Path) -> list[str]:
+    """Copy `files` (paths relative to root; missing ones skipped) to the root of each parent
+    run's artifacts, replacing an earlier copy of the same name. Returns the names logged."""
+    present = [root / f for f in files if (root / f).is_file()]
+    for parent in parents:
+        for path in present:
+            client.log_artifact(parent, str(path))
+    return [p.name for p in present]
+
+
+def publish(stage: str, params, root: Path | str = ".", *, evaluation: pd.DataFrame | None = None,
+            sweep: pd.DataFrame | None = None) -> bool:
+    """Log the results of `stage` ("evaluate" or "frontier") that are written under root into
+    MLflow (params.tracking). Never raises: on any failure prints one warning line on stderr.
+    True when everything was logged."""
+    if stage not in ("evaluate", "frontier"):
+        raise ValueError(f"stage must be 'evaluate' or 'frontier', got {stage!r}")
+    root = Path(root)
+    uri = resolve_tracking_uri(params.tracking.uri, root.resolve())
+    try:
+        with _short_http_retries():
+            line, problem = _publish(stage, uri, root, evaluation, sweep)
+    except Exception as err:          # noqa: BLE001 -- the files are the results; see above
+        line, problem = "", str(err).strip() or type(err).__name__
+    if problem:
+        print(f"warning: MLflow ({uri}) not (fully) updated with the {stage} results: "
+              f"{problem.splitlines()[0][:300]}; the files are complete (log them later with "
+              f"`python -m pipeline.results_tracking`)", file=sys.stderr)
+        return False
+    print(line)
+    return True
+
+
+def _publish(stage: str, uri: str, root: Path, evaluation, sweep) -> tuple[str, str]:
+    """(what was logged, what could not be: empty when everything was)."""
+    if sweep is None:
+        sweep = pd.read_csv(root / SWEEP_CSV)
+    client = _client(uri)
+    parents = parent_runs(client, sweep)
+    if not parents:
+        raise TrackingUnavailable(f"none of the child runs named in {SWEEP_CSV} (column "
+                                  f"mlflow_run_id) is in this store")
+    done, problem = "", ""
+    if stage == "evaluate":
+        if evaluation is None:
+            evaluation = pd.read_csv(root / EVALUATION_CSV)
+        logged, missing = log_final_metrics(client, evaluation, sweep)
+        done = f"final test metrics of {logged} trials -> their child runs; "
+        if missing:
+            problem = f"{missing} evaluated trial(s) have no child run in this store"
+    names = log_parent_artifacts(client, parents, EVALUATE_ARTIFACTS if stage == "evaluate"
+                                 else FRONTIER_ARTIFACTS, root)
+    return f"MLflow: {done}{', '.join(names)} -> parent run {', '.join(parents)} ({uri})", problem
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Log the evaluate and frontier results already on disk (after the store was down)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.results_tracking",
+                                     description=main.__doc__)
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for stage, needed in (("evaluate", EVALUATION_CSV), ("frontier", FRONTIER_ARTIFACTS[0])):
+        for path in (SWEEP_CSV, needed):
+            if not Path(path).is_file():
+                print(f"error: {path}: not found; run `dvc repro {stage}` first", file=sys.stderr)
+                return 1
+    ok = all([publish("evaluate", params), publish("frontier", params)])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
