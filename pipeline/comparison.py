@@ -21,11 +21,11 @@ import pandas as pd
 from echo.frontier import bootstrap_curve_gap
 from pipeline.aggregate import seed_trials
 
+GAP_COLUMNS = ["distortion_gap", "distortion_gap_low", "distortion_gap_high", "rate_low",
+               "rate_high", "rate_gap", "rate_gap_low", "rate_gap_high", "distortion_low",
+               "distortion_high"]
 COMPARISON_COLUMNS = ["series_a", "series_b", "rate_kind_a", "rate_kind_b", "seeds_a", "seeds_b",
-                      "distortion_gap", "distortion_gap_low", "distortion_gap_high",
-                      "rate_low", "rate_high",
-                      "rate_gap", "rate_gap_low", "rate_gap_high",
-                      "distortion_low", "distortion_high", "level", "note"]
+                      *GAP_COLUMNS, "level", "note"]
 LEVEL = 0.95
 RESAMPLES = 2000
 RATE_KIND_WORDS = {"exact": "exact", "analytic_kl": "an upper bound (analytic KL)",
@@ -115,6 +115,6 @@ def comparison_metrics(table: pd.DataFrame) -> dict:
     out = {}
     for _, row in table.iterrows():
         key = f"{row['series_a']}_vs_{row['series_b']}".replace(" ", "_")
-        out[key] = {name: float(row[name]) for name in COMPARISON_COLUMNS[6:16]
+        out[key] = {name: float(row[name]) for name in GAP_COLUMNS
                     if math.isfinite(float(row[name]))}
     return out
