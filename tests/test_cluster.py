@@ -93,8 +93,17 @@ def test_aws_cluster_and_image_agree_on_where_the_project_lives():
     prepared = yaml.safe_load((REPO / "params.yaml").read_text())["data"]["prepared_dir"]
     assert {"params.yaml", prepared} <= targets
     assert _ignored(f"{prepared}/digits.npz", ignore), "prepared data reaches nodes by mount"
-    for dep in _sweep_code_deps():
-        assert not _ignored(dep, ignore), f"{dep} is left out of the image"
+    # The image runs `dvc repro`: every stage's code, the pipeline and its params are in it.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    needed = {"dvc.yaml", "params.yaml", "params.paper.yaml", "pyproject.toml", ".dvc/config"}
+    needed |= {d for s in stages.values() for d in s["deps"]
+               if d.split("/")[0] in ("echo", "pipeline", "stages")}
+    for path in sorted(needed):
+        assert (REPO / path).exists() and not _ignored(path, ignore), \
+            f"{path} is left out of the image"
+    # Ray's launcher copies into a running container with rsync; DVC needs git.
+    assert re.search(r"apt-get install[^\n]*\bgit\b[^\n]*\brsync\b",
+                     (REPO / "Dockerfile").read_text())
     # Every path the YAML's comments and commands name is the image's WORKDIR.
     text = (REPO / "cluster.yaml").read_text()
     assert "/app" not in text
