@@ -42,7 +42,7 @@ import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from echo import clip_factor as solve_clip_factor
 from echo.data import DataError
@@ -743,6 +743,15 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
                 tracker.close_sweep(previous)
             return _fit_and_collect(params, root, experiment, storage, resumable, tracker,
                                     callbacks, verbose)
+        except Exception as err:
+            from pipeline.tracking import store_unreachable
+            if isinstance(err, SweepError) or not store_unreachable(err):
+                raise
+            # At start-up or while writing the results: one line, and the rerun resumes.
+            raise SweepInterrupted(
+                f"tracking.uri {params.tracking.uri}: the store is unreachable "
+                f"({str(err).strip().splitlines()[0][:200]}); start it (or fix tracking.uri) "
+                f"and run the stage again: the sweep resumes where it stopped") from None
         finally:
             if started:
                 ray.shutdown()
@@ -762,8 +771,9 @@ def _fit_and_collect(params: Params, root: Path, experiment: str, storage: str, 
     if resumable and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
         # The run config (callbacks included) is restored from the pickled first run; use
-        # this run's callbacks, with the tracker connected to the current store.
-        tuner._local_tuner.get_run_config().callbacks = all_callbacks
+        # this run's callbacks, with the tracker connected to the current store, and this
+        # run's max_concurrent / max_failures / checkpointing (docs/sweep.md: they may change).
+        apply_resume_knobs(tuner, params, root, all_callbacks)
     else:
         run_config = tune.RunConfig(
             name=sweep.name, storage_path=storage, verbose=verbose, callbacks=all_callbacks,
@@ -774,6 +784,11 @@ def _fit_and_collect(params: Params, root: Path, experiment: str, storage: str, 
         tuner = tune.Tuner(trainable, tune_config=tune_config(params, root),
                            run_config=run_config)
     tuner.fit()
+    # Results a store outage held back are written first (waiting while it may come back).
+    if tracker.unreachable or not tracker.drain(wait=tracker.max_outage):
+        raise SweepInterrupted(
+            f"{tracker.unreachable or 'tracking store unreachable'}; the sweep stopped with its "
+            f"trials saved: run the stage again when the store is back to resume it")
     expected = len(grid_points(params)) * sweep.search.num_samples
     unfinished = [t for t, s in statuses.status.items() if s not in ("TERMINATED", "ERROR")]
     missing = expected - len(statuses.status) + len(unfinished)
@@ -810,6 +825,61 @@ def _fit_and_collect(params: Params, root: Path, experiment: str, storage: str, 
                          f"stage again: the trained trials are kept and are not retrained") from None
     tracker.finish_sweep("FINISHED")
     return table
+
+
+class _RunLimiter(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, but its limit is this run's `sweep.max_concurrent`: a
+    restored experiment would put back the limit it was saved with."""
+
+    def set_state(self, state: dict) -> None:
+        limit = self.max_concurrent
+        super().set_state(state)
+        self.max_concurrent = limit
+
+
+# Tune restores a wrapper's state under its class name: keep the saved limiter's.
+_RunLimiter.__name__ = "ConcurrencyLimiter"
+
+
+class _ResumeKnobs(tune.Callback):
+    """Applies this run's settings that may change between runs (docs/sweep.md) to a restored
+    experiment, whose trials and searcher keep the values they were saved with: every trial's
+    retry budget; the settings (`knobs`: checkpointing, device, CUDA graphs) and resources of
+    trials not running yet (pending, paused, to be retried) and of those the searcher creates."""
+
+    def __init__(self, searcher, max_failures: int, knobs: dict, resources: dict):
+        self.searcher, self.max_failures, self.knobs = searcher, max_failures, knobs
+        self.resources = resources
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.searcher.base.update(self.knobs)              # trials it has yet to create
+        for trial in trials:
+            trial.max_failures = self.max_failures
+            if trial.status in ("PENDING", "PAUSED", "ERROR"):
+                trial.config.update(self.knobs)
+                if trial.placement_group_factory.required_resources != self.resources:
+                    trial.update_resources(tune.PlacementGroupFactory([self.resources]))
+
+
+def apply_resume_knobs(tuner, params: Params, root: Path, callbacks: list) -> None:
+    """This run's callbacks and resume knobs on a restored Tuner (Ray's internals: the
+    restored run and tune configs are the pickled ones of the first run)."""
+    sweep = params.sweep
+    local = tuner._local_tuner
+    run_config = local.get_run_config()
+    run_config.failure_config = tune.FailureConfig(max_failures=sweep.max_failures)
+    tune_cfg = local._tune_config
+    searcher = tune_cfg.search_alg
+    base = trial_base(params, root)
+    resources = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
+    run_config.callbacks = [*callbacks, _ResumeKnobs(
+        searcher, sweep.max_failures,
+        {k: base[k] for k in ("checkpoint_every", "checkpoint_min_interval_s", "device",
+                              "cuda_graph")},
+        {k: v for k, v in resources.items() if v})]
+    if not isinstance(searcher, ConcurrencyLimiter):
+        tune_cfg.search_alg = _RunLimiter(searcher, max_concurrent=sweep.max_concurrent)
+        tune_cfg.max_concurrent_trials = None
 
 
 def trial_outcome(trial) -> tuple[str, str]:

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -30,6 +34,10 @@ TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
                 "epochs", "batch_size")
 SWEEP_UID_TAG = "echo.sweep_uid"
 ROLE_TAG = "echo.role"
+# How long a sweep goes on while its tracking store is unreachable (env
+# ECHO_TRACKING_MAX_OUTAGE_S), and how often the store is tried meanwhile.
+MAX_OUTAGE_SECONDS = 600.0
+RETRY_SECONDS = 5.0
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -78,17 +86,28 @@ class SweepTracker(tune.Callback):
         self._pending: dict[str, list[Metric]] = {}   # trial_id -> metrics not yet written
         self._flushed: dict[str, float] = {}      # trial_id -> time.monotonic() of last write
         self.flush_seconds = flush_seconds
+        self._queue: list[Callable[[], None]] = []  # hook writes waiting for the store
+        self._down_since: float | None = None     # time.monotonic() it became unreachable
+        self._tried = 0.0
+        self._last_error = ""
+        self.max_outage = float(os.environ.get("ECHO_TRACKING_MAX_OUTAGE_S", MAX_OUTAGE_SECONDS))
+        self.unreachable = ""                     # why the sweep was stopped, if it was
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; a connection is not state.
         return {**self.__dict__, "client": None, "_children": {}, "_last_step": {},
-                "_pending": {}, "_flushed": {}}
+                "_pending": {}, "_flushed": {}, "_queue": [], "_down_since": None}
 
     # -- runs ------------------------------------------------------------------------------
     def open(self) -> "SweepTracker":
         """Connect, and find or create the experiment and this sweep's parent run."""
         if self.client is not None:
             return self
+        if self.uri.startswith(("http://", "https://")):
+            # Fail a call in seconds, not after MLflow's ~4 minutes of retries per call: the
+            # tracker waits for a store that is away itself, without blocking the trials.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(tracking_uri=self.uri)
         with store_lock(self.uri):
             self.experiment_id = self._experiment_id()
@@ -199,9 +218,11 @@ class SweepTracker(tune.Callback):
     def flush(self, trial_id: str | None = None) -> None:
         """Write buffered epoch metrics (of one trial, or of all)."""
         for key in [trial_id] if trial_id is not None else list(self._pending):
-            pending = self._pending.pop(key, [])
-            for start in range(0, len(pending), 1000):      # MLflow's batch limit
-                self.client.log_batch(self._children[key], metrics=pending[start:start + 1000])
+            pending = self._pending.get(key, [])
+            while pending:                 # removed only once written: a failed write is retried
+                self.client.log_batch(self._children[key], metrics=pending[:1000])  # batch limit
+                del pending[:1000]
+            self._pending.pop(key, None)
             self._flushed[key] = time.monotonic()
 
     def finish_trial(self, config: dict, status: str, error: str = "",
@@ -219,47 +240,147 @@ class SweepTracker(tune.Callback):
         self.client.log_batch(run_id, tags=tags)
         if checkpoint is not None and status == "completed":
             with checkpoint.as_directory() as local:
+                if (Path(local) / folder / MODEL_FILE).exists():
+                    self.complete_history(run_id, Path(local) / folder / MODEL_FILE)
                 for name in (MODEL_FILE, RECONSTRUCTIONS_FILE):
                     if (Path(local) / folder / name).exists():
                         self.client.log_artifact(run_id, str(Path(local) / folder / name))
         self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
 
+    def complete_history(self, run_id: str, model_path: Path) -> int:
+        """Log the epochs of the final checkpoint's per-epoch history that the run lacks: a
+        finished trial's child run is complete however it came to be (re)created, e.g. by a
+        resume against a new or lost store, where Tune replays nothing of a finished trial
+        and a resumed one only from its checkpoint on. Returns how many epochs it logged."""
+        from echo.train import load_checkpoint
+        history = load_checkpoint(model_path).get("history", [])
+        logged = {m.step for m in self.client.get_metric_history(run_id, "test_neg_elbo")}
+        now_ms = int(time.time() * 1000)
+        missing = [(int(entry.get("epoch", i + 1)), entry) for i, entry in enumerate(history)]
+        missing = [(step, entry) for step, entry in missing if step not in logged]
+        metrics = [Metric(k, float(entry[k]), now_ms, step) for step, entry in missing
+                   for k in EPOCH_METRICS if k in entry and math.isfinite(entry[k])]
+        for start in range(0, len(metrics), 1000):          # MLflow's batch limit
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        return len(missing)
+
     def finish_sweep(self, status: str = "FINISHED") -> None:
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)
+
+    # -- a store that goes away ------------------------------------------------------------
+    # Every hook's MLflow calls go through `_defer`: while the store is unreachable they wait,
+    # in order, in `_queue`, and Tune's loop (so every trial) goes on; they are written when it
+    # is back. Past `max_outage` seconds the sweep is stopped as Ctrl-C would stop it (its
+    # trials saved, a rerun resumes) and `unreachable` says why.
+    def _defer(self, op: Callable[[], None]) -> None:
+        self._queue.append(op)
+        self.drain()
+
+    def drain(self, wait: float = 0.0) -> bool:
+        """Write what is buffered, in order (while the store is away, try at most every
+        RETRY_SECONDS); keep trying for `wait` seconds. True when nothing is left."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self._down_since is None or \
+                    time.monotonic() - self._tried >= RETRY_SECONDS:
+                if self._write_queue():
+                    return True
+            self._check_outage()
+            if self.unreachable or time.monotonic() >= deadline:
+                return False
+            time.sleep(max(0.0, min(RETRY_SECONDS, deadline - time.monotonic())))
+
+    def _write_queue(self) -> bool:
+        while self._queue:
+            try:
+                self._queue[0]()
+            except Exception as err:  # noqa: BLE001 - only an unreachable store is absorbed
+                if not store_unreachable(err):
+                    raise
+                self._tried = time.monotonic()
+                self._last_error = _first_line(err)
+                if self._down_since is None:
+                    self._down_since = self._tried
+                    print(f"warning: tracking store {self.uri} is unreachable "
+                          f"({self._last_error}); the trials go on and their results are "
+                          f"written when it is back (waiting at most {self.max_outage:.0f} s)",
+                          file=sys.stderr, flush=True)
+                return False
+            self._queue.pop(0)
+        if self._down_since is not None:
+            print(f"note: tracking store {self.uri} is back after "
+                  f"{time.monotonic() - self._down_since:.0f} s; buffered results written",
+                  file=sys.stderr, flush=True)
+            self._down_since = None
+        return True
+
+    def _check_outage(self) -> None:
+        if self._down_since is None or self.unreachable:
+            return
+        away = time.monotonic() - self._down_since
+        if away <= self.max_outage:
+            return
+        self.unreachable = (f"tracking store {self.uri} unreachable for {away:.0f} s "
+                            f"({self._last_error})")
+        # Inside Tune's run, stop it as Ctrl-C does (trials saved, the rerun resumes); Tune's
+        # handler is installed only then (the default action would kill the process).
+        if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     # -- Tune callback hooks (called in the driver, one at a time) ------------------------
     def setup(self, **info):
         self.open()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        for member in trial_members(trial.config):
-            self.child_run(member)
+        members = trial_members(trial.config)
+        self._defer(lambda: [self.child_run(member) for member in members])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("status") == "running" and "epoch" in result:
-            for member in trial_members(trial.config):
-                self.log_epoch(member, member_result(result, member))
+            members = [(m, member_result(result, m)) for m in trial_members(trial.config)]
+            self._defer(lambda: [self.log_epoch(m, r) for m, r in members])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         status = result.get("status", "completed")
         if status == "running":
             status = "completed"
-        for member in trial_members(trial.config):
-            self.finish_trial(member, status, result.get("error", ""), trial.checkpoint,
-                              member_folder(member))
+        members, checkpoint = trial_members(trial.config), trial.checkpoint
+        self._defer(lambda: [self.finish_trial(member, status, result.get("error", ""),
+                                               checkpoint, member_folder(member))
+                             for member in members])
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        for member in trial_members(trial.config):
-            self.finish_trial(member, "failed", trial_error_text(trial))
+        members, error = trial_members(trial.config), trial_error_text(trial)
+        self._defer(lambda: [self.finish_trial(member, "failed", error) for member in members])
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        for member in trial_members(trial.config):
-            self.flush(member["trial_id"])
+        members = trial_members(trial.config)
+        self._defer(lambda: [self.flush(member["trial_id"]) for member in members])
 
     def on_experiment_end(self, trials, **info):
-        self.flush()
+        self._defer(self.flush)
+
+
+def store_unreachable(err: BaseException) -> bool:
+    """The store did not answer (refused, timed out, a 5xx): worth waiting for, unlike a
+    refused request."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                        ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return isinstance(err, MlflowException) and (
+        "API request to" in text or "Max retries exceeded" in text
+        or "Connection refused" in text)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _param_text(value) -> str:

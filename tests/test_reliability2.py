@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from echo.train import load_checkpoint
 
@@ -29,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, "-m", "stages.sweep", "--params", "params.yaml", "--verbose", "0"]
 
 
-def write_params(root: Path, name: str, *, betas=(0.5, 1.0), epochs=2, **sweep) -> Path:
+def write_params(root: Path, name: str, *, betas=(0.5, 1.0), epochs=2, db="mlflow.db",
+                 uri=None, **sweep) -> Path:
     """Tiny settings: digits, 200 training images, 4 latents, one VAE trial per beta."""
     raw = {
         "data": {"dataset": "digits"},
@@ -39,7 +43,7 @@ def write_params(root: Path, name: str, *, betas=(0.5, 1.0), epochs=2, **sweep) 
                   "latent_dims": [4], "train_limit": 200, "test_limit": 100,
                   "max_concurrent": 2, "max_failures": 0, "checkpoint_every": 1,
                   "checkpoint_min_interval_s": 0, "resources": {"cpu": 1}, **sweep},
-        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": name},
+        "tracking": {"uri": uri or f"sqlite:///{db}", "experiment": name},
         "evaluate": {"iwae_k": 4, "batch_size": 50, "test_limit": 100},
         "frontier": {"recon_samples": 2},
     }
@@ -71,13 +75,14 @@ def drivers(root: Path, count: int):
 
 
 def error_lines(stderr: str) -> list[str]:
-    """The lines the stage itself wrote (Ray may add a notice line about its auth mode)."""
+    """The error lines the stage wrote (Ray may add a notice about its auth mode; evaluate's
+    progress bar, left open by the error, may precede one on its line)."""
     assert "Traceback" not in stderr, stderr[-3000:]
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+    return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
 
 
-def runs(root: Path, experiment: str):
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+def runs(root: Path, experiment: str, db: str = "mlflow.db"):
+    client = MlflowClient(f"sqlite:///{root / db}")
     found = client.get_experiment_by_name(experiment)
     everything = client.search_runs([found.experiment_id], max_results=1000) if found else []
     parents = [r for r in everything if r.data.tags.get("echo.role") == "sweep"]
@@ -292,3 +297,212 @@ def test_unwritable_outputs_are_refused_before_training(tmp_path, monkeypatch, c
     with unwritable(tmp_path / "ray_results") as how:
         refused("sweep.storage_path", "Read-only file system" if "mount" in how else
                 "not permitted")
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 8: resume knobs changed between runs
+# ---------------------------------------------------------------------------------------------
+
+
+class Starts(tune.Callback):
+    """When each trial runs (driver clock), with the retry budget and settings it runs with;
+    with `stop_after`, stops the sweep as Ctrl-C would (SIGUSR1) once that many completed."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after = stop_after
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.settings: dict[str, tuple] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        trial_id = trial.config["trial_id"]
+        self.started.setdefault(trial_id, time.monotonic())
+        self.settings[trial_id] = (trial.config["checkpoint_every"],
+                                   trial.placement_group_factory.required_resources["CPU"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.config["trial_id"]] = time.monotonic()
+        # the retry budget the trial ran with (what Tune reads when it crashes)
+        self.settings[trial.config["trial_id"]] += (trial.max_failures,)
+        if self.stop_after is not None and len(self.ended) == self.stop_after:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.slow
+def test_resume_applies_new_knobs_and_completes_runs_in_a_new_store(tmp_path):
+    """Interrupted with max_concurrent 2, max_failures 0, checkpoint_every 1, one CPU per
+    trial; resumed with 1, 3, 2, half a CPU: the trials the resumed run starts run one at a
+    time, and every trial it runs has the new retry budget, checkpoint interval and resources
+    (the restored Tune state kept the old ones).
+    The resume also goes to a new tracking store (the old one lost): every trial's child run
+    there holds every epoch, those of trials finished before the interruption included, with
+    the values of the trial's final checkpoint."""
+    from pipeline.config import load_params
+    from pipeline.sweep import SweepInterrupted, run_sweep
+
+    betas = [0.25, 0.5, 1.0, 2.0]
+    write_params(tmp_path, "knobs", betas=betas)
+    first = Starts(stop_after=1)
+    with pytest.raises(SweepInterrupted):
+        run_sweep(load_params(tmp_path / "params.yaml"), tmp_path, callbacks=(first,),
+                  verbose=0)
+    assert len(first.started) < len(betas)          # some trials were never created
+
+    write_params(tmp_path, "knobs", betas=betas, max_concurrent=1, max_failures=3,
+                 checkpoint_every=2, resources={"cpu": 0.5}, db="new.db")
+    second = Starts()
+    table = run_sweep(load_params(tmp_path / "params.yaml"), tmp_path, callbacks=(second,),
+                      verbose=0)
+    assert set(table["status"]) == {"completed"} and len(table) == len(betas)
+    assert set(second.settings.values()) == {(2, 0.5, 3)}, second.settings
+    # Trials created by the resumed run: none ran beside another trial. (Trials that were in
+    # flight at the interruption restart together: Tune requeues them all.)
+    new = set(second.started) - set(first.started)
+    assert new, "the resumed run created no trial"
+    for trial in new:
+        for other in second.started:
+            if other != trial:
+                apart = (second.ended[other] <= second.started[trial]
+                         or second.ended[trial] <= second.started[other])
+                assert apart, (trial, other, second.started, second.ended)
+
+    client, parents, children = runs(tmp_path, "knobs", db="new.db")
+    assert len(parents) == 1 and len(children) == len(betas)
+    by_trial = table.set_index("trial_id")
+    for child in children:
+        history = load_checkpoint(tmp_path / by_trial.loc[child.data.tags["trial_id"],
+                                                          "checkpoint"])["history"]
+        for name in ("test_neg_elbo", "train_rate"):
+            logged = sorted((m.step, m.value)
+                            for m in client.get_metric_history(child.info.run_id, name))
+            assert logged == [(e["epoch"], pytest.approx(e[name])) for e in history], name
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 5: the tracking server goes away mid-sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(db: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite file, in its own session; returns
+    once it answers /health."""
+    import urllib.request
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+         f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=child_env(), start_new_session=True, stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return server
+        assert time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and its session (the server's workers), then reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def metric_rows(db: Path, experiment: str) -> int:
+    """Metric rows of an experiment in the server's store (read-only, tolerant of a busy file)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=5)) as con:
+            return con.execute(
+                "SELECT count(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
+                "JOIN experiments e ON r.experiment_id = e.experiment_id WHERE e.name = ?",
+                (experiment,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def trained_epochs(folder: Path) -> int:
+    """Checkpoints written so far by the trials in an experiment folder (each trial's highest
+    checkpoint index + 1; older folders are deleted, the index keeps counting)."""
+    return sum(1 + max((int(c.name.split("_")[1]) for c in t.glob("checkpoint_*")), default=-1)
+               for t in folder.glob("vae_*") if t.is_dir())
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the driver ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_is_bridged_or_ends_in_one_line(tmp_path):
+    """A real `mlflow server` is SIGKILLed mid-sweep. Restarted a little later: the trials
+    trained on meanwhile, the driver wrote what it had buffered, the sweep ends 0 with every
+    epoch logged once. Left dead (with the wait bounded at 10 s): the stage stops, exit 1, in
+    one line that names the store and says a rerun resumes, instead of blocking ~4 minutes a
+    call and ending in tracebacks."""
+    from mlflow.tracking import MlflowClient
+
+    db, port, log = tmp_path / "server.db", free_port(), tmp_path / "server.log"
+    uri = f"http://127.0.0.1:{port}"
+    write_params(tmp_path, "outage", betas=[0.5, 1.0], epochs=8, max_concurrent=1, uri=uri)
+    server = start_mlflow_server(db, port, log)
+    driver = None
+    try:
+        with open(tmp_path / "driver.err", "w") as err:
+            driver = subprocess.Popen(SWEEP, cwd=tmp_path, env=child_env(),
+                                      start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=err)
+            wait_for(lambda: metric_rows(db, "outage") > 0, 600, "a first metric", driver)
+            stop(server)                                         # the fault
+            done = trained_epochs(tmp_path / "ray_results" / "outage")
+            wait_for(lambda: trained_epochs(tmp_path / "ray_results" / "outage") >= done + 2,
+                     300, "training while the store is away", driver)
+            server = start_mlflow_server(db, port, log)          # it comes back
+            assert driver.wait(timeout=600) == 0, (tmp_path / "driver.err").read_text()[-3000:]
+        stderr = (tmp_path / "driver.err").read_text()
+        assert "Traceback" not in stderr and "unreachable" in stderr and "is back" in stderr
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name("outage")
+        everything = client.search_runs([found.experiment_id])
+        parents = [r for r in everything if r.data.tags.get("echo.role") == "sweep"]
+        children = [r for r in everything if r.data.tags.get("echo.role") == "trial"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(children) == 2
+        for child in children:
+            assert child.info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(child.info.run_id,
+                                                                "test_neg_elbo")]
+            assert sorted(steps) == list(range(1, 9)), steps    # every epoch, once
+
+        # Left dead: a bounded wait, then one line.
+        write_params(tmp_path, "outage2", betas=[0.5, 1.0], epochs=8, max_concurrent=1, uri=uri)
+        before = metric_rows(db, "outage2")
+        driver = subprocess.Popen(SWEEP, cwd=tmp_path,
+                                  env={**child_env(), "ECHO_TRACKING_MAX_OUTAGE_S": "10"},
+                                  start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: metric_rows(db, "outage2") > before, 600, "a first metric", driver)
+        stop(server)
+        killed = time.monotonic()
+        _, stderr = driver.communicate(timeout=400)
+        assert driver.returncode == 1, stderr[-3000:]
+        assert time.monotonic() - killed < 10 + 180              # bounded, not ~4 min a call
+        lines = error_lines(stderr)
+        assert len(lines) == 1, lines
+        assert uri in lines[0] and "unreachable" in lines[0] and "run the stage again" in lines[0]
+    finally:
+        if driver is not None:
+            stop(driver)
+        stop(server)
