@@ -59,10 +59,16 @@ def store_lock(uri: str):
     if not uri.startswith(prefix):
         yield
         return
+    import hashlib
+    import tempfile
     from filelock import FileLock
-    db = Path(uri[len(prefix):].split("?", 1)[0])
+    db = Path(uri[len(prefix):].split("?", 1)[0]).resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".lock", timeout=600):
+    # In the temp folder (one per store path): beside mlflow.db it would be a stray file in
+    # the project, which git does not ignore.
+    digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
+    with FileLock(str(Path(tempfile.gettempdir()) / f"echo-rd-store-{digest}.lock"),
+                  timeout=600):
         yield
 
 
