@@ -164,18 +164,18 @@ def log_parent_artifacts(client, parents: list[str], files, root: Path) -> list[
     return [p.name for p in present]
 
 
-def publish(stage: str, params, root: Path | str = ".", *, evaluation: pd.DataFrame | None = None,
-            sweep: pd.DataFrame | None = None) -> bool:
-    """Log the results of `stage` ("evaluate" or "frontier") that are written under root into
-    MLflow (params.tracking). Never raises: on any failure prints one warning line on stderr.
-    True when everything was logged."""
+def publish(stage: str, params, root: Path | str = ".") -> bool:
+    """Log the results of `stage` ("evaluate" or "frontier") from its files under root into
+    MLflow (params.tracking): the numbers as results/evaluation.csv holds them, so that MLflow
+    and the files agree and a rerun finds them equal. Never raises: on any failure prints one
+    warning line on stderr. True when everything was logged."""
     if stage not in ("evaluate", "frontier"):
         raise ValueError(f"stage must be 'evaluate' or 'frontier', got {stage!r}")
     root = Path(root)
     uri = resolve_tracking_uri(params.tracking.uri, root.resolve())
     try:
         with _short_http_retries():
-            line, problem = _publish(stage, uri, root, evaluation, sweep)
+            line, problem = _publish(stage, uri, root)
     except Exception as err:          # noqa: BLE001 -- the files are the results; see above
         line, problem = "", str(err).strip() or type(err).__name__
     if problem:
@@ -187,10 +187,9 @@ def publish(stage: str, params, root: Path | str = ".", *, evaluation: pd.DataFr
     return True
 
 
-def _publish(stage: str, uri: str, root: Path, evaluation, sweep) -> tuple[str, str]:
+def _publish(stage: str, uri: str, root: Path) -> tuple[str, str]:
     """(what was logged, what could not be: empty when everything was)."""
-    if sweep is None:
-        sweep = pd.read_csv(root / SWEEP_CSV)
+    sweep = pd.read_csv(root / SWEEP_CSV)
     client = _client(uri)
     parents = parent_runs(client, sweep)
     if not parents:
@@ -198,8 +197,7 @@ def _publish(stage: str, uri: str, root: Path, evaluation, sweep) -> tuple[str, 
                                   f"mlflow_run_id) is in this store")
     done, problem = "", ""
     if stage == "evaluate":
-        if evaluation is None:
-            evaluation = pd.read_csv(root / EVALUATION_CSV)
+        evaluation = pd.read_csv(root / EVALUATION_CSV)
         logged, missing = log_final_metrics(client, evaluation, sweep)
         done = f"final test metrics of {logged} trials -> their child runs; "
         if missing:

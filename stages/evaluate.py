@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {method}: best test -ELBO at beta={summary['beta']:g}: "
               f"{entry['neg_elbo']:.2f}{spread}")
     # The view in MLflow, after the files: a store it cannot reach is a warning, not a failure.
-    publish("evaluate", params, evaluation=table, sweep=sweep)
+    publish("evaluate", params)
     return 0
 
 

@@ -1,0 +1,280 @@
+"""MLflow shows the sweep's result (pipeline.results_tracking): the final test metrics in each
+trial's child run, the evaluate/frontier files on the sweep's parent run, nothing twice on a
+rerun, and a store that cannot be reached is one warning line, not a failed stage.
+
+The end-to-end test runs a tiny real pipeline (prepare -> sweep on a real local Ray -> evaluate
+-> frontier), serves its store with a real `mlflow ui` on 127.0.0.1 and reads it in a real
+headless Chromium (Debian's, driven by Playwright)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytest.importorskip("mlflow")
+
+from mlflow.entities import Metric  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from pipeline.config import Params  # noqa: E402
+from pipeline.results_tracking import (EVALUATE_ARTIFACTS, FRONTIER_ARTIFACTS,  # noqa: E402
+                                       PARENT_TAG, publish)
+
+TRIALS = ("echo_b1_mlp_z4", "vae_b1_mlp_z4")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run with all its (step, value) entries."""
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            for name in client.get_run(run_id).data.metrics}
+
+
+def artifacts(client: MlflowClient, run_id: str) -> list[str]:
+    return sorted(a.path for a in client.list_artifacts(run_id))
+
+
+def store_state(client: MlflowClient, run_ids) -> dict:
+    return {r: (histories(client, r), artifacts(client, r), client.get_run(r).data.tags)
+            for r in run_ids}
+
+
+# ---- fast: the logging itself, against runs made as the sweep makes them --------------------
+
+
+def fake_sweep(root: Path) -> tuple[MlflowClient, str, dict[str, str]]:
+    """A store with a parent and two child runs tagged as pipeline.tracking tags them (with a
+    per-epoch test_neg_elbo history), and the files the stages would have written."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("t", artifact_location=(root / "art").as_uri())
+    parent = client.create_run(experiment, run_name="tiny",
+                               tags={"echo.role": "sweep"}).info.run_id
+    children = {}
+    for trial in TRIALS:
+        run = client.create_run(experiment, run_name=trial,
+                                tags={PARENT_TAG: parent, "trial_id": trial}).info.run_id
+        client.log_batch(run, metrics=[Metric("test_neg_elbo", 40.0 - e, 0, e) for e in (1, 2)])
+        client.set_terminated(run)
+        children[trial] = run
+    (root / "results").mkdir()
+    pd.DataFrame({"trial_id": TRIALS, "status": "completed",
+                  "mlflow_run_id": [children[t] for t in TRIALS]}).to_csv(
+        root / "results/sweep.csv", index=False)
+    pd.DataFrame({"trial_id": TRIALS, "status": "completed", "rate": [6.25, 4.5],
+                  "rate_kind": ["exact", "analytic_kl"], "distortion": [28.0, 29.75],
+                  "neg_elbo": [34.25, 34.25], "iwae_k": [math.nan, 8],
+                  "iwae_neg_log_lik": [math.nan, 32.5]}).to_csv(
+        root / "results/evaluation.csv", index=False)
+    for name in EVALUATE_ARTIFACTS[1:] + FRONTIER_ARTIFACTS:
+        (root / name).write_text(f"content of {name}\n")
+    return client, parent, children
+
+
+def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monkeypatch, capsys):
+    client, parent, children = fake_sweep(tmp_path)
+    capsys.readouterr()                       # MLflow's own log of creating the store
+    monkeypatch.chdir(tmp_path)               # the stages run in the project root
+    params = Params.model_validate({"tracking": {"uri": "sqlite:///mlflow.db"}})
+    for _ in range(2):                        # the second time is a rerun of both stages
+        assert publish("evaluate", params) and publish("frontier", params)
+    assert "warning" not in capsys.readouterr().err
+    echo, vae = (children[t] for t in TRIALS)
+    assert histories(client, vae) == {
+        "test_neg_elbo": [(1, 39.0), (2, 38.0)],           # the sweep's epochs, untouched
+        "final_test_rate": [(0, 4.5)], "final_test_distortion": [(0, 29.75)],
+        "final_test_neg_elbo": [(0, 34.25)], "final_test_iwae_neg_log_lik": [(0, 32.5)],
+        "iwae_k": [(0, 8.0)]}
+    # Echo has no IWAE bound: no such metric rather than a NaN
+    assert set(histories(client, echo)) == {"test_neg_elbo", "final_test_rate",
+                                           "final_test_distortion", "final_test_neg_elbo"}
+    assert client.get_run(echo).data.tags["rate_kind"] == "exact"
+    assert artifacts(client, parent) == sorted(Path(f).name for f in
+                                               EVALUATE_ARTIFACTS + FRONTIER_ARTIFACTS)
+    assert all(artifacts(client, c) == [] for c in children.values())
+
+    # A changed result (other evaluate params) is appended as the newest, the rest kept.
+    evaluation = pd.read_csv("results/evaluation.csv")
+    evaluation.loc[1, "neg_elbo"] = 33.0
+    evaluation.to_csv("results/evaluation.csv", index=False)
+    before = store_state(client, [echo, parent])
+    assert publish("evaluate", params)
+    assert histories(client, vae)["final_test_neg_elbo"] == [(0, 34.25), (1, 33.0)]
+    assert client.get_run(vae).data.metrics["final_test_neg_elbo"] == 33.0
+    assert store_state(client, [echo, parent]) == before
+
+    # Unreachable stores: one warning line each, nothing raised, no empty store created.
+    missing_db = tmp_path / "elsewhere" / "mlflow.db"
+    for uri in (f"http://127.0.0.1:{free_port()}", f"sqlite:///{missing_db}"):
+        lost = Params.model_validate({"tracking": {"uri": uri}})
+        assert not publish("frontier", lost)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"warning: MLflow ({uri})"), err
+        assert "python -m pipeline.results_tracking" in err
+    assert not missing_db.exists()
+
+
+# ---- slow: a real tiny pipeline, a real `mlflow ui`, a real browser --------------------------
+
+
+def chromium() -> str | None:
+    return next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and
+                 os.access(p, os.X_OK)), None)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory) -> Path:
+    """prepare -> sweep -> evaluate -> frontier, in-process in a tmp project: echo and vae,
+    beta 1, one seed, one epoch on 150 images."""
+    from stages.evaluate import main as evaluate_main
+    from stages.frontier import main as frontier_main
+    from stages.prepare import main as prepare_main
+    from stages.sweep import main as sweep_main
+
+    root = tmp_path_factory.mktemp("ui")
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"dataset": "digits"},
+        "train": {"epochs": 1, "batch_size": 50, "lr": 0.003, "device": "cpu"},
+        "sweep": {"name": "ui", "methods": ["echo", "vae"], "betas": [1.0], "archs": ["mlp"],
+                  "latent_dims": [4], "seeds": [0], "max_concurrent": 2, "train_limit": 150,
+                  "test_limit": 60},
+        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "ui"},
+        "evaluate": {"iwae_k": 8, "test_limit": 60},
+        "frontier": {"recon_samples": 2}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert prepare_main([]) == 0
+        assert sweep_main(["--verbose", "0"]) == 0
+        assert evaluate_main([]) == 0
+        assert frontier_main([]) == 0
+    return root
+
+
+@contextlib.contextmanager
+def mlflow_ui(db: Path):
+    """`mlflow ui` on a free port of 127.0.0.1, stopped (its whole process group) at the end;
+    its log in mlflow_ui.log beside the store (a pipe nobody reads would fill and block it)."""
+    port = free_port()
+    log = (db.parent / "mlflow_ui.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, \
+                f"mlflow ui exited: {(db.parent / 'mlflow_ui.log').read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow ui did not answer within 180 s"
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        with contextlib.suppress(ProcessLookupError):    # workers that outlived the parent
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_child_runs_and_their_final_test_numbers(pipeline_run):
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("no chromium executable (apt-get install chromium; .ci/run installs it)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    sweep = pd.read_csv(pipeline_run / "results/sweep.csv")
+    evaluation = pd.read_csv(pipeline_run / "results/evaluation.csv").set_index("trial_id")
+    assert sorted(sweep["trial_id"]) == list(TRIALS)
+    client = MlflowClient(f"sqlite:///{pipeline_run / 'mlflow.db'}")
+    child = client.get_run(sweep.set_index("trial_id").loc["vae_b1_mlp_z4", "mlflow_run_id"])
+    parent_id = child.data.tags[PARENT_TAG]
+    experiment = child.info.experiment_id
+    assert {"rd_curves.png", "reconstructions.png", "frontier.csv", "table.md",
+            "comparison.csv"} <= set(artifacts(client, parent_id))
+    # The number as the UI writes it: JavaScript's shortest round-trip text, as Python's repr.
+    neg_elbo = repr(float(evaluation.loc["vae_b1_mlp_z4", "neg_elbo"]))
+    wait = 90_000                             # ms; the UI's bundle is large on a busy machine
+
+    with mlflow_ui(pipeline_run / "mlflow.db") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, headless=True,
+                                     args=["--no-sandbox"])       # root in CI containers
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            # The runs table of the experiment ("Model training"; MLflow 3 opens on GenAI).
+            page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+                      timeout=wait)
+            parent_link = page.get_by_role("link", name="ui", exact=True).first
+            parent_link.wait_for(timeout=wait)
+            # Child runs are folded under their parent: unfold it, as a user would.
+            page.locator("[role=row]", has=parent_link).locator(
+                "button[data-component-id*='runnamecellrenderer']").click()
+            for trial in TRIALS:
+                page.get_by_role("link", name=trial, exact=True).wait_for(timeout=wait)
+            page.get_by_role("link", name="vae_b1_mlp_z4", exact=True).click()
+            # The child run's own page (not the runs table, whose header names metrics too).
+            page.wait_for_url(f"**/runs/{child.info.run_id}*", timeout=wait)
+            row = page.locator("[role=row]", has_text="final_test_neg_elbo").first
+            row.wait_for(timeout=wait)
+            assert row.inner_text().split() == ["final_test_neg_elbo", neg_elbo], \
+                row.inner_text()
+            # The sweep's parent run holds the R-D figure.
+            page.goto(f"{url}/#/experiments/{experiment}/runs/{parent_id}/artifacts",
+                      timeout=wait)
+            page.get_by_text("rd_curves.png", exact=True).first.wait_for(timeout=wait)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_rerun_stages_add_nothing_and_an_unreachable_store_is_a_warning(pipeline_run,
+                                                                       monkeypatch):
+    from stages.evaluate import main as evaluate_main
+    from stages.frontier import main as frontier_main
+
+    client = MlflowClient(f"sqlite:///{pipeline_run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ui").experiment_id])
+    before = store_state(client, [r.info.run_id for r in runs])
+    monkeypatch.chdir(pipeline_run)
+    assert evaluate_main([]) == 0 and frontier_main([]) == 0       # dvc repro -f evaluate
+    assert store_state(client, before) == before
+
+    # The files are the results: a tracking server that is down leaves the stage at exit 0.
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"
+    Path("lost.yaml").write_text(yaml.safe_dump(params))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert frontier_main(["--params", "lost.yaml"]) == 0
+    lines = err.getvalue().splitlines()
+    assert [line for line in lines if "MLflow" in line or line.startswith("warning")] == [
+        line for line in lines if line.startswith(f"warning: MLflow ({params['tracking']['uri']})")]
+    assert len(lines) == 1, lines
+    assert (pipeline_run / "results/rd_curves.png").stat().st_size > 0
