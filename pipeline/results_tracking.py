@@ -179,8 +179,11 @@ def publish(stage: str, params, root: Path | str = ".") -> bool:
     except Exception as err:          # noqa: BLE001 -- the files are the results; see above
         line, problem = "", str(err).strip() or type(err).__name__
     if problem:
+        reason = problem.splitlines()[0]
+        if "Max retries exceeded" in reason or "Connection refused" in reason:
+            reason = "the server does not answer"       # not urllib3's page of retry details
         print(f"warning: MLflow ({uri}) not (fully) updated with the {stage} results: "
-              f"{problem.splitlines()[0][:300]}; the files are complete (log them later with "
+              f"{reason[:300]}; the files are complete (log them later with "
               f"`python -m pipeline.results_tracking`)", file=sys.stderr)
         return False
     print(line)
