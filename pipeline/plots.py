@@ -90,8 +90,8 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
     ax.set_ylabel("distortion D (nats)")
     ax.set_title(title or "Rate-distortion (test set); dotted: R + D = const")
     if seeds > 1:
-        ax.text(0.99, 0.99, f"mean of {seeds} seeds ± 1 standard error; faint: each seed",
-                ha="right", va="top", fontsize=7, transform=ax.transAxes)
+        ax.text(0.99, 0.01, f"mean of {seeds} seeds ± 1 standard error; faint: each seed",
+                ha="right", va="bottom", fontsize=7, transform=ax.transAxes)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.2)
     _save(fig, path)
