@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -217,18 +216,35 @@ Subsystem sftp internal-sftp
                              "--propagation", "private", "--kill-child", "sh", "-c", inside],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+    namespace = None
     try:
         _wait_port(port, proc)
+        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        namespace = os.readlink(f"/proc/{child}/ns/pid")
         (ssh / "relay.py").write_text(RELAY)
         yield {"home": home, "key": ssh / "user", "port": port,
                "proxy": f"{sys.executable} {ssh / 'relay.py'} %h {port}"}
     finally:
-        proc.send_signal(signal.SIGTERM)          # --kill-child: the namespace ends with it
+        # unshare ignores SIGTERM while it waits; killed, it takes sshd (--kill-child), the
+        # namespace's first process, and the kernel then ends everything else in the namespace.
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while namespace and _in_namespace(namespace) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (namespace and _in_namespace(namespace)), "the head's processes outlived it"
+
+
+def _in_namespace(namespace: str) -> list[str]:
+    """Processes (pids) in the PID namespace `namespace` (as /proc/<pid>/ns/pid reads)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if entry.name.isdigit() and os.readlink(entry / "ns" / "pid") == namespace:
+                pids.append(entry.name)
+        except OSError:
+            pass                                  # ended meanwhile
+    return pids
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
