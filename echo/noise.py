@@ -315,3 +315,35 @@ def _validate(f: Tensor, log_s: Tensor, d_max: int | None, replace: bool) -> Non
     if bool((log_s >= 0).any()):
         raise ValueError("log_s must be < 0 everywhere (S < 1), or the Echo sum diverges "
                          "(paper Lemma 2.1); scale the sigmoid by clip_factor(d_max)")
+
+
+# check_echo_truncation's `clip_factor` argument hides the function of that name.
+_solve_clip_factor = clip_factor
+
+
+def check_echo_truncation(batch_size: int, d_max: int | None = None, replace: bool = False,
+                          clip_factor: float | None = None, *, names: dict | None = None) -> None:
+    """Echo's truncation rule, the one check behind params.yaml and `python -m echo.train`:
+    without replacement the d_max noise terms are other examples of the batch (d_max <
+    batch_size), and the clipping factor may not exceed the r solving M r^d_max / (1 - r) =
+    2^-23 (`echo.clip_factor`), above which the dropped tail of the sum is not negligible.
+
+    Raises a one-line ValueError; `names` maps "d_max", "batch_size", "clip_factor" to how the
+    caller spells them (e.g. "train.d_max", "--option d_max")."""
+    name = {"d_max": "d_max", "batch_size": "batch_size", "clip_factor": "clip_factor",
+            **(names or {})}
+    if d_max is not None and (isinstance(d_max, bool) or not isinstance(d_max, int) or d_max < 1):
+        raise ValueError(f"{name['d_max']} must be a positive integer, got {d_max!r}")
+    if clip_factor is not None and (isinstance(clip_factor, bool)
+                                    or not isinstance(clip_factor, (int, float))
+                                    or not 0 < clip_factor < 1):
+        raise ValueError(f"{name['clip_factor']} must lie in (0, 1), got {clip_factor!r}")
+    terms = d_max if d_max is not None else batch_size - 1
+    if not replace and terms >= batch_size:
+        raise ValueError(f"{name['d_max']}={terms} must be < {name['batch_size']}={batch_size} "
+                         f"without replacement")
+    r_max = _solve_clip_factor(terms)
+    if clip_factor is not None and clip_factor > r_max:
+        raise ValueError(f"{name['clip_factor']}={clip_factor} exceeds {r_max:.4f}, the largest "
+                         f"clipping factor whose truncated Echo tail stays below float32 "
+                         f"precision with d_max={terms}; allowed range (0, {r_max:.4f}]")

@@ -26,6 +26,7 @@ from torch import Tensor
 from .data import load_dataset, load_prepared
 from .graphs import GraphCaptureError, GraphedStep, graph_ready_adam, portable_optimizer_state
 from .methods import Autoencoder, build_model
+from .noise import check_echo_truncation
 
 METRIC_NAMES = ("rate", "distortion", "neg_elbo")
 # Why a warm-up of beta at all, and why this length: docs/methods.md, "Why the conv models did
@@ -411,35 +412,6 @@ def _progress(config: TrainConfig, first_epoch: int) -> Callable[[dict], None]:
         if m["epoch"] == config.epochs:
             bar.close()
     return update
-
-
-def check_echo_truncation(batch_size: int, d_max: int | None = None, replace: bool = False,
-                          clip_factor: float | None = None, *, names: dict | None = None) -> None:
-    """Echo's truncation rule, the one check behind params.yaml and `python -m echo.train`:
-    without replacement the d_max noise terms are other examples of the batch (d_max <
-    batch_size), and the clipping factor may not exceed the r solving M r^d_max / (1 - r) =
-    2^-23 (`echo.clip_factor`), above which the dropped tail of the sum is not negligible.
-
-    Raises a one-line ValueError; `names` maps "d_max", "batch_size", "clip_factor" to how the
-    caller spells them (e.g. "train.d_max", "--option d_max")."""
-    from .noise import clip_factor as solve_clip_factor
-    name = {"d_max": "d_max", "batch_size": "batch_size", "clip_factor": "clip_factor",
-            **(names or {})}
-    if d_max is not None and (isinstance(d_max, bool) or not isinstance(d_max, int) or d_max < 1):
-        raise ValueError(f"{name['d_max']} must be a positive integer, got {d_max!r}")
-    if clip_factor is not None and (isinstance(clip_factor, bool)
-                                    or not isinstance(clip_factor, (int, float))
-                                    or not 0 < clip_factor < 1):
-        raise ValueError(f"{name['clip_factor']} must lie in (0, 1), got {clip_factor!r}")
-    terms = d_max if d_max is not None else batch_size - 1
-    if not replace and terms >= batch_size:
-        raise ValueError(f"{name['d_max']}={terms} must be < {name['batch_size']}={batch_size} "
-                         f"without replacement")
-    r_max = solve_clip_factor(terms)
-    if clip_factor is not None and clip_factor > r_max:
-        raise ValueError(f"{name['clip_factor']}={clip_factor} exceeds {r_max:.4f}, the largest "
-                         f"clipping factor whose truncated Echo tail stays below float32 "
-                         f"precision with d_max={terms}; allowed range (0, {r_max:.4f}]")
 
 
 def device_problem(name: str) -> str | None:

@@ -13,7 +13,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from echo import METHODS, clip_factor as solve_clip_factor
+from echo import METHODS
+from echo.noise import check_echo_truncation   # the rule python -m echo.train uses too
 from echo.data import DATASETS
 from echo.networks import ARCHITECTURES
 
@@ -282,7 +283,6 @@ class Params(Strict):
     def echo_sum_is_exact(self):
         """Echo's truncated sum must stay below float precision: d_max < batch size without
         replacement, and the clipping factor at most the solved r for that d_max."""
-        from echo.train import check_echo_truncation      # the rule python -m echo.train uses
         clip = self.sweep.search.clip_factor
         check_echo_truncation(self.train.batch_size, self.train.d_max, self.train.replace,
                               clip.high if clip is not None else None,
