@@ -86,20 +86,21 @@ def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int
     dev = resolve_device(device)
     rows = []
     completed = sweep["status"] == "completed"
-    bar = tqdm(total=int(completed.sum()), desc="evaluate", unit="model", disable=not progress)
-    for _, trial in sweep.iterrows():
-        row = {c: trial[c] for c in SWEEP_COLUMNS}
-        row.update({c: np.nan for c in METRIC_COLUMNS})
-        if trial["status"] == "completed":
-            row.update(evaluate_checkpoint(trial["checkpoint"], x_test, batch_size=batch_size,
-                                           iwae_k=iwae_k, device=dev, seed=seed))
-            bar.set_postfix(method=trial["method"], beta=trial["beta"],
-                            neg_elbo=f"{row['neg_elbo']:.2f}")
-            bar.update(1)
-        else:
-            row["note"] = f"excluded: {trial['status']}"
-        rows.append(row)
-    bar.close()
+    # `with`: an error closes the bar first, so its message is not printed on the bar's line
+    with tqdm(total=int(completed.sum()), desc="evaluate", unit="model",
+              disable=not progress) as bar:
+        for _, trial in sweep.iterrows():
+            row = {c: trial[c] for c in SWEEP_COLUMNS}
+            row.update({c: np.nan for c in METRIC_COLUMNS})
+            if trial["status"] == "completed":
+                row.update(evaluate_checkpoint(trial["checkpoint"], x_test, batch_size=batch_size,
+                                               iwae_k=iwae_k, device=dev, seed=seed))
+                bar.set_postfix(method=trial["method"], beta=trial["beta"],
+                                neg_elbo=f"{row['neg_elbo']:.2f}")
+                bar.update(1)
+            else:
+                row["note"] = f"excluded: {trial['status']}"
+            rows.append(row)
     return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
 
 

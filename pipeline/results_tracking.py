@@ -57,8 +57,9 @@ class TrackingUnavailable(RuntimeError):
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """A relative SQLite URI (`sqlite:///mlflow.db`) is taken relative to the project root (the
-    rule of pipeline.tracking.resolve_tracking_uri, which the sweep used to create the store)."""
+    """A relative SQLite URI (`sqlite:///mlflow.db`) is taken relative to the project root, so
+    the store does not depend on the directory a stage happens to run in (the sweep creates the
+    store by this rule, evaluate and frontier find it by it)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str((root / uri[len(prefix):]).resolve())

@@ -27,6 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from pipeline.results_tracking import resolve_tracking_uri  # one rule for every stage
 from pipeline.sweep import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, member_folder,
                             member_result, trial_error_text, trial_members)
 
@@ -39,15 +40,6 @@ ROLE_TAG = "echo.role"
 MAX_OUTAGE_SECONDS = 600.0
 RETRY_SECONDS = 5.0
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """A relative SQLite URI (`sqlite:///mlflow.db`) is taken relative to the project root, so
-    the store does not depend on the directory the driver happens to run in."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((root / uri[len(prefix):]).resolve())
-    return uri
 
 
 @contextlib.contextmanager

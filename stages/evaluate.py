@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from echo.data import DataError, load_prepared
+from echo.train import device_problem
 from pipeline.comparison import comparison_table
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
 from pipeline.evaluation import (EvaluationError, evaluate_sweep, metrics_summary, read_sweep,
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     settings = params.evaluate
+    problem = device_problem(params.train.device)
+    if problem:     # the models are evaluated here, on train.device
+        print(f"error: train.device={params.train.device!r}: {problem}; set train.device: auto "
+              f"or cpu", file=sys.stderr)
+        return 1
     try:
         sweep = read_sweep(SWEEP_CSV)
         x_test = load_prepared(params.data.prepared_path, "test")[0][: settings.test_limit]

@@ -174,6 +174,12 @@ def test_missing_device_or_gpus_are_refused_before_anything_starts(tmp_path, mon
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "train.device='cuda'" in lines[0] and "CUDA" in lines[0], lines
     assert snapshot(tmp_path) == before                   # no Ray folder, store or results
+    # evaluate runs the models on train.device too: the same line, nothing written
+    from stages.evaluate import main as evaluate_main
+    assert evaluate_main(["--params", "params.yaml"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "train.device='cuda'" in lines[0] and "CUDA" in lines[0], lines
+    assert snapshot(tmp_path) == before
 
     raw["train"]["device"] = "cpu"
     raw["sweep"]["resources"]["gpu"] = 1
