@@ -5,6 +5,7 @@ MNIST) and, for Echo, the rate of its low-rate limit (-32 log r = 5.74 nats). Be
 docs/methods.md ("Why the conv models did not learn") the conv Echo model sat exactly there, and
 a test that only asked for a falling loss passed it. These tests fail on such a model.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -17,24 +18,35 @@ ECHO_FLOOR_32 = echo_low_rate_limit(clip_factor(99), 32)
 
 
 @pytest.fixture(scope="module")
-def marginal(mnist_dir) -> float:
+def mnist_10k(mnist_dir, tmp_path_factory):
+    """The first 10k training and 1000 test images of binary MNIST, binarized once and written as
+    a prepared .npz: each of this module's 12 runs then loads 8 MB instead of binarizing all
+    70k images again (~1.2 CPU s a run). The same images as data_root with train/test limits."""
     x_train = load_dataset("binary_mnist", "train", mnist_dir)[0][:10_000]
     x_test = load_dataset("binary_mnist", "test", mnist_dir)[0][:1000]
+    path = tmp_path_factory.mktemp("fidelity") / "binary_mnist_10k.npz"
+    np.savez(path, train_x=x_train.numpy().astype(np.uint8), train_y=np.zeros(len(x_train), int),
+             test_x=x_test.numpy().astype(np.uint8), test_y=np.zeros(len(x_test), int))
+    return path, x_train, x_test
+
+
+@pytest.fixture(scope="module")
+def marginal(mnist_10k) -> float:
+    _, x_train, x_test = mnist_10k
     return pixel_marginal_nll(x_train, x_test)
 
 
-def learned(method: str, arch: str, mnist_dir, **overrides) -> dict:
-    config = TrainConfig(method=method, dataset="binary_mnist", data_root=str(mnist_dir),
-                         arch=arch, latent_dim=32, train_limit=10_000, test_limit=1000, seed=0,
-                         progress=False, **overrides)
+def learned(method: str, arch: str, mnist_10k, **overrides) -> dict:
+    config = TrainConfig(method=method, dataset="binary_mnist", prepared=str(mnist_10k[0]),
+                         arch=arch, latent_dim=32, seed=0, progress=False, **overrides)
     return fit(config).metrics
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["echo", "vae"])
-def test_paper_conv_models_learn_at_the_paper_learning_rate(method, mnist_dir, marginal):
+def test_paper_conv_models_learn_at_the_paper_learning_rate(method, mnist_10k, marginal):
     # 300 steps at the paper's lr 3e-4 (held constant), beta warmed up over the first 150.
-    m = learned(method, "conv", mnist_dir, epochs=3, lr=3e-4, lr_decay_start=1.0,
+    m = learned(method, "conv", mnist_10k, epochs=3, lr=3e-4, lr_decay_start=1.0,
                 beta_warmup_steps=150)
     assert 195 < marginal < 210
     assert m["test_distortion"] < marginal - 25, m
@@ -43,13 +55,20 @@ def test_paper_conv_models_learn_at_the_paper_learning_rate(method, mnist_dir, m
 
 
 @pytest.fixture(scope="module")
-def mlp_results(mnist_dir) -> dict:
-    """Every Table-2 method trained once at MLP scale: 500 steps at lr 1e-3 (10k images)."""
+def mlp_results(mnist_10k) -> dict:
+    """Every Table-2 method trained once at MLP scale: 300 steps at lr 1e-3 (10k images), shared
+    by the learning and the MMD tests.
+
+    300 steps, not the 500 of before (~40% less of this module's time): measured at 300 steps,
+    seed 0, the thresholds below still hold with room for every method; the smallest margins
+    were echo's -ELBO (55.1 nats below the marginal against the 50 asked; 55.3 with seed 1),
+    echo's rate (15.1 nats above its floor against 8), infovae's distortion (74.8 below against
+    60), and rate ratios 0.87 (infovae/vae) and 0.88 (iaf-mmd/iaf-prior) against 0.75."""
     cache: dict = {}
 
     def result(method: str) -> dict:
         if method not in cache:
-            cache[method] = learned(method, "mlp", mnist_dir, epochs=5, lr=1e-3,
+            cache[method] = learned(method, "mlp", mnist_10k, epochs=3, lr=1e-3,
                                     beta_warmup_steps=100)
         return cache[method]
     return result
@@ -71,10 +90,10 @@ def test_mmd_penalty_does_not_collapse_the_rate(mmd_method, base, mlp_results):
     assert with_mmd["test_rate"] > 0.75 * without["test_rate"], (with_mmd, without)
 
 
-def test_signal_reaches_the_code_and_the_logits_at_initialisation(mnist_dir):
+def test_signal_reaches_the_code_and_the_logits_at_initialisation(mnist_10k):
     # PyTorch's default init left encoder features varying across images by ~1e-3 and the conv
     # decoder's logits across codes by ~4e-5: nothing to learn from at the start.
-    x = load_dataset("binary_mnist", "train", mnist_dir)[0][:100]
+    x = mnist_10k[1][:100]
     torch.manual_seed(0)
     for arch in ("conv", "mlp"):
         model = build_model("vae", arch=arch, latent_dim=32)
