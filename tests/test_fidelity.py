@@ -43,11 +43,17 @@ def learned(method: str, arch: str, mnist_10k, **overrides) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["echo", "vae"])
-def test_paper_conv_models_learn_at_the_paper_learning_rate(method, mnist_10k, marginal):
-    # 300 steps at the paper's lr 3e-4 (held constant), beta warmed up over the first 150.
-    m = learned(method, "conv", mnist_10k, epochs=3, lr=3e-4, lr_decay_start=1.0,
-                beta_warmup_steps=150)
+@pytest.mark.parametrize("method, epochs", [("echo", 3), ("vae", 2)])
+def test_paper_conv_models_learn_at_the_paper_learning_rate(method, epochs, mnist_10k, marginal):
+    # 100 steps an epoch at the paper's lr 3e-4 (held constant), beta warmed up over the first
+    # half. Echo keeps 300 steps: at 200 (warm-up 100) seed 2 stopped at distortion 24.8 below
+    # the marginal and rate 5.2 above the floor, under the 25 and just over the 5 asked (seeds 0
+    # and 1: 38.2 and 49.7; 9.4 and 14.2). The VAE clears every threshold at 200 steps with
+    # room (seeds 0-2: distortion 55.8-73.2 below, rate 15.4-18.9, -ELBO 40.3-54.3 below), so it
+    # trains 200, a third less. Without the fix (PyTorch's default init, no warm-up) Echo at
+    # 200 steps sits on its floor (rate 5.74, distortion 0.6 above the marginal) and fails.
+    m = learned(method, "conv", mnist_10k, epochs=epochs, lr=3e-4, lr_decay_start=1.0,
+                beta_warmup_steps=50 * epochs)
     assert 195 < marginal < 210
     assert m["test_distortion"] < marginal - 25, m
     assert m["test_rate"] > (ECHO_FLOOR_32 if method == "echo" else 0) + 5, m
