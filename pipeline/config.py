@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from echo import METHODS
 from echo.noise import check_echo_truncation   # the rule python -m echo.train uses too
 from echo.data import DATASETS
-from echo.networks import ARCHITECTURES
 
 PARAMS_FILE = "params.yaml"
 MAX_EPOCHS = 1_000_000

@@ -1,7 +1,6 @@
 """The chunked, recomputing Echo noise (`echo.noise._EchoNoise`, issue 7) against the plain
 vectorised reference: same values and gradients, also under vmap and torch.compile, and a peak
 memory over forward + backward of at most B x d_max x D floats."""
-import math
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 import torch
 import yaml
