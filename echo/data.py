@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 import zipfile
 import zlib
@@ -39,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from .files import atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +264,6 @@ def binarize(p: np.ndarray, seed: int, *, scale: float = 1.0, chunk: int = 4096)
 # Where raw files are, and downloads
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _search_dirs(name: str, root: Path) -> list[Path]:
     return {
         "mnist": [root / "mnist", root / "MNIST" / "raw", root],
@@ -302,17 +295,15 @@ def fetch(url: str, dest: Path, md5: str | None = None, *, timeout: float = 60) 
     """Download `url` to `dest` through a temporary file, checking the md5 when one is given;
     `dest` appears only complete and verified."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_tmp(dest.parent, dest.name, ".part")
-    try:
+
+    def download_into(tmp: Path) -> None:
         with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out, 1 << 20)
         if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
             raise DataError(f"{url}: downloaded file has md5 {got}, expected {md5}; the mirror "
                             f"served a different or damaged file")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, download_into)
     return dest
 
 
@@ -571,17 +562,6 @@ def _split_summary(x: np.ndarray, y: np.ndarray) -> dict:
     return summary
 
 
-def _atomic_tmp(directory: Path, name: str, suffix: str = ".tmp") -> Path:
-    """An empty temporary file beside its destination (so os.replace is atomic), with the
-    permissions a plain open() would give rather than mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=suffix)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return Path(tmp)
-
-
 def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, download: bool = True,
             seed: int = BINARIZATION_SEED, check_sizes: bool = True) -> dict:
     """Write <prepared_dir>/<name>.npz (train/valid/test _x, _y) and its manifest; return the
@@ -594,11 +574,14 @@ def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, downloa
     arrays = {}
     for split in SPLITS:
         arrays[f"{split}_x"], arrays[f"{split}_y"] = data.splits[split]
-    tmp_npz = _atomic_tmp(out_dir, npz_path.name)
-    tmp_manifest = _atomic_tmp(out_dir, manifest_path(npz_path).name)
-    try:
+    manifest = {}
+
+    def write_pair(tmp_npz: Path) -> None:
+        # The manifest records the new .npz's digest, so it is written (atomically) once the
+        # .npz temporary is complete and before that is renamed: a failure anywhere leaves the
+        # earlier pair as it was and removes both temporaries.
         _write_npz(tmp_npz, arrays)
-        manifest = {
+        manifest.update({
             "manifest_version": MANIFEST_VERSION,
             "dataset": name,
             "variant": data.variant,
@@ -611,13 +594,11 @@ def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, downloa
             "source": data.source,
             "prepared": {"path": npz_path.name, "bytes": tmp_npz.stat().st_size,
                          "sha256": file_digest(tmp_npz)},
-        }
-        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp_npz, npz_path)
-        os.replace(tmp_manifest, manifest_path(npz_path))
-    finally:
-        tmp_npz.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
+        })
+        atomic_write(manifest_path(npz_path),
+                     lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+
+    atomic_write(npz_path, write_pair)
     return manifest
 
 
