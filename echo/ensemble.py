@@ -15,17 +15,16 @@ architecture (`torch.func.stack_module_state`) and runs them with `functional_ca
   member k's gradients: K separate optimiser states in one (checked in tests/test_ensemble.py).
   All members share the learning rate and its schedule; they may differ in beta and seed.
 
-`fit_ensemble(config, betas=..., seeds=...)` is `fit` for K members: one data set on the device,
-one loop, per-member metrics, per-member checkpoints that `echo.train.load_model` reads.
+`fit_ensemble(config, betas=..., seeds=...)` is `fit` for K members, on the same loop
+(echo/loop.py): one data set on the device, per-member metrics and checkpoints (which
+`echo.train.load_model` reads and `fit_ensemble(..., resume=...)` continues from), and a member
+whose loss turns non-finite stops alone while the others go on.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,11 +32,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .graphs import GraphedStep, graph_ready_adam, portable_optimizer_state
+from .checkpoint import checkpoint_dict, make_model, write_run
+from .compiling import compile_model
+from .device import resolve_device, tune_backends
+from .graphs import GraphedStep, graph_ready_adam
+from .loop import Member, adam_with_schedule, device_data, train_epochs
 from .methods import Autoencoder
-from .train import (FitResult, NonFiniteLossError, TrainConfig, atomic_write, batches,
-                    beta_factor, device_data, lr_factor, make_model, resolve_device,
-                    save_checkpoint, tune_backends)
+from .metrics import batches, mean_metrics
+from .settings import TrainConfig
+from .train import FitResult
 
 
 @dataclass
@@ -53,9 +56,8 @@ STRATEGIES = ("auto", "vmap", "loop", "streams")
 
 
 def default_strategy(device: str | torch.device) -> str:
-    """What strategy="auto" runs: one CUDA stream per member on CUDA (1.9-2.1x the throughput
-    of separate runs for 8 conv members on an H200, against 1.2-1.7x for vmap), a loop over
-    members elsewhere."""
+    """What strategy="auto" runs: one CUDA stream per member on CUDA (the fastest on an H200,
+    docs/performance.md), a loop over members elsewhere."""
     return "streams" if torch.device(device).type == "cuda" else "loop"
 
 
@@ -155,7 +157,6 @@ class Ensemble(nn.Module):
             fn = vmap(member, in_dims=(0, 0, 0 if batched_x else None, 0),
                       randomness="different")
             if self.compile:
-                from .train import compile_model
                 fn = compile_model(fn, self.betas.device)
             self._vmapped[batched_x] = fn
         return self._vmapped[batched_x]
@@ -217,6 +218,24 @@ class Ensemble(nn.Module):
                 model.get_buffer(name).copy_(stacked[k])
         return model
 
+    def load_member(self, k: int, state_dict: dict) -> None:
+        """Put member k's parameters and buffers (a state_dict of `self.member(k)`) in place."""
+        params, buffers = self._state()
+        with torch.no_grad():
+            for name, stacked in {**params, **buffers}.items():
+                stacked[k].copy_(state_dict[name])
+
+    def load_member_optimizer_states(self, optimizer: torch.optim.Adam, states: list[dict]) -> None:
+        """The inverse of `member_optimizer_state`: an Adam over `self.parameters()` holding
+        member k's Adam state in slice k of each stacked moment."""
+        stacked = {}
+        for i in states[0]["state"]:
+            per_member = [s["state"][i] for s in states]
+            stacked[i] = {name: (torch.stack([m[name] for m in per_member])
+                                 if torch.is_tensor(v) and v.dim() > 0 else v)
+                          for name, v in per_member[0].items()}
+        optimizer.load_state_dict({"state": stacked, "param_groups": states[0]["param_groups"]})
+
     def member_optimizer_state(self, optimizer: torch.optim.Adam, k: int) -> dict:
         """Member k's slice of an Adam over `self.parameters()`: the state_dict that Adam over
         `self.member(k).parameters()` would have (parameters in the same order)."""
@@ -245,12 +264,7 @@ def evaluate_ensemble(ensemble: Ensemble, x: Tensor, batch_size: int) -> list[di
     for idx in batches(len(x), batch_size, shuffle=False, device=x.device):
         sums += member_metric_sums(ensemble(x[idx], shared=True))
     ensemble.train()
-    return [_metrics(row, len(x)) for row in sums]
-
-
-def _metrics(sums: Tensor, count: int) -> dict:
-    rate, distortion = (sums / count).tolist()
-    return {"rate": rate, "distortion": distortion, "neg_elbo": rate + distortion}
+    return [mean_metrics(row, len(x)) for row in sums]
 
 
 def member_configs(config: TrainConfig, betas: Sequence[float] | None,
@@ -267,15 +281,50 @@ def member_configs(config: TrainConfig, betas: Sequence[float] | None,
     return [replace(config, beta=float(b), seed=int(s)) for b, s in zip(betas, seeds)]
 
 
+class _EnsembleTrainee:
+    """The loop's Trainee for an ensemble: one stacked step for all K members."""
+
+    def __init__(self, ensemble: Ensemble, optimizer, x_test: Tensor, batch_size: int,
+                 graphs: bool):
+        self.ensemble, self.x_test, self.batch_size = ensemble, x_test, batch_size
+        self.full_betas = ensemble.betas.clone()   # the warm-up scales them in place
+
+        def train_step(x: Tensor) -> Tensor:
+            out = ensemble(x)                                       # x: [K, B, ...]
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            return member_metric_sums(out)
+
+        # The test evaluation stays eager: its vmap over a shared batch did not capture (H200,
+        # torch 2.11: the capture was invalidated inside the Echo noise), and it is ~5% of an
+        # epoch.
+        self.graphed = GraphedStep(train_step, enabled=graphs)
+
+    def step(self, x: Tensor) -> Tensor:
+        return self.graphed(x)
+
+    def scale_betas(self, fraction: float) -> None:
+        torch.mul(self.full_betas, fraction, out=self.ensemble.betas)
+
+    def evaluate(self) -> list[dict]:
+        return evaluate_ensemble(self.ensemble, self.x_test, self.batch_size)
+
+
 def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
                  seeds: Sequence[int] | None = None, strategy: str = "auto",
-                 on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
+                 on_epoch: Callable[[int, list[dict | None], Callable[[], list[dict]]], None]
+                 | None = None, resume: Sequence[dict] | None = None) -> list[FitResult]:
     """Train K members (one per beta and/or seed) as one ensemble; one `FitResult` per member,
     in the order given. Member k stands for `fit(replace(config, beta=betas[k], seed=seeds[k]))`.
-    `on_epoch(epoch, metrics)` gets the list of the members' metric dicts (keys as in `fit`).
-    With `config.out`, member k's checkpoint.pt and metrics.json go to `<out>/member_<k>/`."""
+
+    `on_epoch(epoch, metrics, state)`: the members' metric dicts (keys as in `fit`, + member,
+    beta, seed; None for a member that has stopped) and `state()`, the members' checkpoint
+    dicts, which `resume=` continues from. A member whose training loss turns non-finite stops
+    (its `FitResult.stopped` says why, its history ends before that epoch) and the others go
+    on; `NonFiniteLossError` only when every member has stopped. With `config.out`, member k's
+    checkpoint.pt and metrics.json go to `<out>/member_<k>/`."""
     configs = member_configs(config, betas, seeds)
-    k = len(configs)
     device = resolve_device(config.device)
     tune_backends(device)
     x_train, x_test = device_data(config, device)
@@ -286,80 +335,65 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
         models.append(make_model(member_config, input_shape))
     ensemble = Ensemble(models, [c.beta for c in configs], strategy=strategy,
                         compile=config.compile).to(device)
-    optimizer = torch.optim.Adam(ensemble.parameters(), lr=config.lr)
     graphs = config.cuda_graph and device.type == "cuda"
-    if graphs:
-        graph_ready_adam(optimizer, device)
-    sizes = [len(i) for i in batches(len(x_train), config.batch_size, shuffle=False)]
-    total_steps = config.epochs * len(sizes)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, config.lr_decay_start))
+    steps = len(batches(len(x_train), config.batch_size, shuffle=False))
+    optimizer, scheduler = adam_with_schedule(ensemble.parameters(), config, steps, graphs=graphs)
     torch.manual_seed(configs[0].seed)
-    histories: list[list[dict]] = [[] for _ in range(k)]
-    full_betas = ensemble.betas.clone()          # the warm-up scales them in place (as in fit)
+    members = [Member(c) for c in configs]
+    first_epoch = 1
+    if resume is not None:
+        first_epoch = _resume(ensemble, optimizer, scheduler, members, list(resume), graphs)
 
-    def train_step(x: Tensor) -> Tensor:
-        out = ensemble(x)                                       # x: [K, B, ...]
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        return member_metric_sums(out)
+    done = {"epoch": first_epoch - 1}        # epochs the loop has finished
 
-    # The test evaluation stays eager: its vmap over a shared batch did not capture (H200,
-    # torch 2.11: the capture was invalidated inside the Echo noise), and it is ~5% of an epoch.
-    step = GraphedStep(train_step, enabled=graphs)
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        # Every member its own batch order, as K separate runs would have.
-        order = torch.stack([torch.randperm(len(x_train), device=device) for _ in range(k)])
-        sums = torch.zeros(k, 2, dtype=torch.float64, device=device)
-        seen = 0
-        for idx in order.split(sizes, dim=1):
-            torch.mul(full_betas, beta_factor(scheduler.last_epoch, config.beta_warmup_steps),
-                      out=ensemble.betas)
-            sums += step(x_train[idx])
-            scheduler.step()
-            seen += idx.shape[1]
-        train = [_metrics(row, seen) for row in sums]
-        bad = [i for i, m in enumerate(train) if not all(math.isfinite(v) for v in m.values())]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite training loss at epoch {epoch} for ensemble member(s) {bad} "
-                f"(beta {[configs[i].beta for i in bad]}); drop or lower those betas")
-        test = evaluate_ensemble(ensemble, x_test, config.batch_size)
-        seconds = time.perf_counter() - start
-        epoch_metrics = []
-        for i in range(k):
-            metrics = {"epoch": epoch, "lr": float(optimizer.param_groups[0]["lr"]),
-                       "epoch_seconds": seconds, "member": i, "beta": configs[i].beta,
-                       "seed": configs[i].seed,
-                       **{f"train_{n}": v for n, v in train[i].items()},
-                       **{f"test_{n}": v for n, v in test[i].items()}}
-            histories[i].append(metrics)
-            epoch_metrics.append(metrics)
-        if config.progress:
-            best = min(m["test_neg_elbo"] for m in epoch_metrics)
-            print(f"ensemble of {k}: epoch {epoch}/{config.epochs}, best test -ELBO {best:.2f}",
-                  file=sys.stderr)
+    def state() -> list[dict]:
+        return [checkpoint_dict(model=ensemble.member(i).state_dict(),
+                                optimizer=ensemble.member_optimizer_state(optimizer, i),
+                                scheduler=scheduler.state_dict(), epoch=done["epoch"],
+                                history=m.history, config=m.config, input_shape=input_shape,
+                                stopped=m.stopped)
+                for i, m in enumerate(members)]
+
+    def each_epoch(epoch: int, metrics: list[dict | None]) -> None:
+        done["epoch"] = epoch
         if on_epoch is not None:
-            on_epoch(epoch, epoch_metrics)
+            on_epoch(epoch, metrics, state)
 
-    ensemble.betas.copy_(full_betas)
+    trainee = _EnsembleTrainee(ensemble, optimizer, x_test, config.batch_size, graphs)
+    try:
+        train_epochs(config, trainee, members, x_train, optimizer, scheduler,
+                     first_epoch=first_epoch, on_epoch=each_epoch,
+                     describe=f"{config.method} ensemble of {len(members)}")
+    finally:
+        ensemble.betas.copy_(trainee.full_betas)
     results = []
-    for i, member_config in enumerate(configs):
-        model = ensemble.member(i).to(device)
-        results.append(FitResult(model=model, history=histories[i],
-                                 metrics=histories[i][-1] if histories[i] else {}))
-        if config.out is not None:
-            out = Path(config.out) / f"member_{i}"
-            out.mkdir(parents=True, exist_ok=True)
-            state = {"model": {n: t.cpu() for n, t in model.state_dict().items()},
-                     "optimizer": portable_optimizer_state(
-                         ensemble.member_optimizer_state(optimizer, i)),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "epoch": len(histories[i]), "history": histories[i],
-                     "config": asdict(member_config), "input_shape": list(input_shape)}
-            save_checkpoint(out / "checkpoint.pt", state)
-            atomic_write(out / "metrics.json",
-                         lambda p, h=histories[i]: p.write_text(json.dumps(h[-1], indent=2)))
+    states = state() if config.out is not None else None
+    for i, member in enumerate(members):
+        results.append(FitResult(model=ensemble.member(i).to(device), history=member.history,
+                                 metrics=member.history[-1] if member.history else {},
+                                 stopped=member.stopped))
+        if states is not None:
+            write_run(Path(config.out) / f"member_{i}", states[i])
     return results
+
+
+def _resume(ensemble: Ensemble, optimizer, scheduler, members: list[Member],
+            states: list[dict], graphs: bool) -> int:
+    """Load the members' checkpoint dicts (as `state()` gave them); the next epoch to train."""
+    if len(states) != len(members):
+        raise ValueError(f"resume holds {len(states)} member checkpoints for an ensemble of "
+                         f"{len(members)}")
+    for i, (member, s) in enumerate(zip(members, states)):
+        if float(s["config"]["beta"]) != member.config.beta or int(s["config"]["seed"]) != \
+                member.config.seed:
+            raise ValueError(f"resume: member {i}'s checkpoint is for beta {s['config']['beta']}, "
+                             f"seed {s['config']['seed']}, not beta {member.config.beta}, seed "
+                             f"{member.config.seed}")
+        ensemble.load_member(i, s["model"])
+        member.history, member.stopped = list(s["history"]), s.get("stopped")
+    ensemble.load_member_optimizer_states(optimizer, [s["optimizer"] for s in states])
+    if graphs:
+        graph_ready_adam(optimizer, ensemble.betas.device)
+    scheduler.load_state_dict(states[0]["scheduler"])
+    torch.set_rng_state(states[0]["rng"])
+    return int(states[0]["epoch"]) + 1

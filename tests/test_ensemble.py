@@ -1,6 +1,7 @@
 """Vectorised ensembles: members independent, own noise, own Adam state, each trains like a
 separate run."""
 import copy
+import json
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from scipy import stats
 
 from echo import build_model
 from echo.ensemble import Ensemble, fit_ensemble
-from echo.train import TrainConfig, compile_model, fit, load_checkpoint, load_model
+from echo.train import (NonFiniteLossError, TrainConfig, compile_model, fit, load_checkpoint,
+                        load_model)
 
 SHAPE = (1, 8, 8)        # the digits images: a small MLP keeps these tests fast
 
@@ -178,3 +180,57 @@ def test_compile_option_runs_eagerly_on_cpu_and_falls_back_when_compilation_fail
     model(x, 2.0).loss.backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def _tiny(**overrides) -> TrainConfig:
+    return TrainConfig(**{**dict(method="echo", dataset="digits", arch="mlp", latent_dim=6,
+                                 epochs=4, progress=False, seed=0, train_limit=600,
+                                 test_limit=200), **overrides})
+
+
+def _strip(history):
+    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in history]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_fit_ensemble_resumes_exactly_from_its_member_checkpoints(tmp_path, strategy):
+    config = _tiny()
+    full = fit_ensemble(config, betas=[0.5, 2.0], strategy=strategy)
+    states = {}
+    fit_ensemble(config, betas=[0.5, 2.0], strategy=strategy,
+                 on_epoch=lambda epoch, metrics, state: states.__setitem__(epoch, state()))
+    # Through the files a run writes: each member's state is an ordinary checkpoint.
+    for k, state in enumerate(states[2]):
+        torch.save(state, tmp_path / f"member_{k}.pt")
+    resume = [load_checkpoint(tmp_path / f"member_{k}.pt") for k in range(2)]
+    resumed = fit_ensemble(config, betas=[0.5, 2.0], strategy=strategy, resume=resume)
+    for a, b in zip(full, resumed):
+        assert len(b.history) == 4
+        assert _strip(b.history) == _strip(a.history)          # bit for bit, not approximately
+    # A checkpoint of other members is refused by name.
+    with pytest.raises(ValueError, match="beta"):
+        fit_ensemble(config, betas=[0.5, 3.0], strategy=strategy, resume=resume)
+
+
+def test_a_member_whose_loss_turns_nonfinite_stops_alone(tmp_path):
+    # beta 1e39 is inf in float32: that member's loss is inf from the first step.
+    config = _tiny(out=str(tmp_path))
+    results = fit_ensemble(config, betas=[1.0, 1e39, 2.0], strategy="loop")
+    stopped = results[1]
+    assert stopped.stopped and "non-finite training loss at epoch 1" in stopped.stopped
+    assert stopped.history == []
+    metrics = json.loads((tmp_path / "member_1" / "metrics.json").read_text())
+    assert "non-finite" in metrics["stopped"]
+    assert load_checkpoint(tmp_path / "member_1" / "checkpoint.pt")["stopped"] == stopped.stopped
+    # The others go on, and exactly as if the diverging member had been a healthy one: nothing
+    # of it reaches them (same random streams, elementwise Adam, no shared tensors).
+    healthy = fit_ensemble(_tiny(), betas=[1.0, 5.0, 2.0], strategy="loop")
+    for k in (0, 2):
+        assert results[k].stopped is None and len(results[k].history) == 4
+        assert _strip(results[k].history) == _strip(healthy[k].history)
+        assert results[k].history[-1]["test_neg_elbo"] < results[k].history[0]["test_neg_elbo"]
+
+
+def test_an_ensemble_fails_only_when_every_member_has_stopped():
+    with pytest.raises(NonFiniteLossError, match="every ensemble member"):
+        fit_ensemble(_tiny(epochs=2), betas=[1e39, 2e39], strategy="loop")

@@ -1,60 +1,124 @@
 """Method registry. Each module of this package registers one method of the paper's Table 2:
 
-    @register("vae")
-    def build(encoder, features, decoder, latent_dim, input_shape, **options) -> Autoencoder
+    @register("vae-vamp")
+    def build(encoder, features, decoder, latent_dim, input_shape, *, n_pseudo=250) -> Autoencoder
 
-so adding a baseline is adding one file here. `build_model` assembles the shared networks and
-hands them to the method.
+so adding a baseline is adding one file here. A builder's keyword options are the method's
+options (`method_options`; params.yaml sets them under `method_options: {<method>: ...}`); it
+declares with `register` which it takes from the run instead (`from_run`, e.g. Echo's
+batch_size), which may be searched by Optuna (`tunable`) and a `check` of its options that
+runs before any training, with errors in the caller's spelling. Nothing outside this package
+branches on a method's name. `build_model` assembles the shared networks and hands them over.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
+from dataclasses import dataclass
 from typing import Callable
 
 from ..networks import build_networks
 from .base import AEOutput, Autoencoder
 
+NETWORK_ARGUMENTS = ("encoder", "features", "decoder", "latent_dim", "input_shape")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    builder: Callable[..., Autoencoder]
+    from_run: tuple[str, ...] = ()       # options filled from the run's TrainConfig field
+    tunable: tuple[str, ...] = ()        # options a sweep may search over (numbers)
+    check: Callable | None = None        # check(options, names=...) -> None or ValueError
+
+
 METHODS: dict[str, Callable[..., Autoencoder]] = {}
+SPECS: dict[str, MethodSpec] = {}
 
 
-def register(name: str):
+def register(name: str, *, from_run: tuple[str, ...] = (), tunable: tuple[str, ...] = (),
+             check: Callable | None = None):
     def add(builder: Callable[..., Autoencoder]):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
+        accepted = set(inspect.signature(builder).parameters) - set(NETWORK_ARGUMENTS)
+        unknown = (set(from_run) | set(tunable)) - accepted
+        if unknown:
+            raise ValueError(f"method {name!r} declares {sorted(unknown)}, which its builder "
+                             f"does not take")
         METHODS[name] = builder
+        SPECS[name] = MethodSpec(builder, tuple(from_run), tuple(tunable), check)
         return builder
     return add
 
 
-def build_model(method: str, arch: str = "conv", latent_dim: int = 32,
-                input_shape: tuple[int, ...] = (1, 28, 28), **options) -> Autoencoder:
-    """An autoencoder of the named method; forward(x, beta) -> AEOutput(rate, distortion, loss)."""
-    if method not in METHODS:
+def _spec(method: str) -> MethodSpec:
+    if method not in SPECS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return SPECS[method]
+
+
+def method_options(method: str) -> dict:
+    """The options of a method and their defaults (e.g. {"clip_factor": None, ...} for echo);
+    the ones it takes from the run (`from_run`) are not among them."""
+    spec = _spec(method)
+    params = inspect.signature(spec.builder).parameters
+    return {name: p.default for name, p in params.items()
+            if name not in NETWORK_ARGUMENTS and name not in spec.from_run}
+
+
+def tunable_options(method: str) -> tuple[str, ...]:
+    """The options a sweep may search over for this method (e.g. ("clip_factor",) for echo)."""
+    return _spec(method).tunable
+
+
+def run_options(method: str, training) -> dict:
+    """The options a method takes from the run: {name: getattr(training, name)}."""
+    return {name: getattr(training, name) for name in _spec(method).from_run}
+
+
+def check_method_options(method: str, options: dict, *, training=None,
+                         names: dict | None = None) -> None:
+    """Unknown options, and the method's own rules (`check`), as one-line ValueErrors that name
+    each option as `names` spells it (a params.yaml field, a command-line flag)."""
+    spec = _spec(method)
+    names = names or {}
+    allowed = method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        spelled = [names.get(o, o) for o in unknown]
+        raise ValueError(f"method {method!r} does not take option(s) {spelled}; it takes "
+                         f"{sorted(allowed)}")
+    if spec.check is not None:
+        given = {**{k: v for k, v in allowed.items()}, **options,
+                 **(run_options(method, training) if training is not None else {})}
+        spec.check(given, names=names)
+
+
+def build_model(method: str, arch: str = "conv", latent_dim: int = 32,
+                input_shape: tuple[int, ...] = (1, 28, 28), *, training=None,
+                **options) -> Autoencoder:
+    """An autoencoder of the named method; forward(x, beta) -> AEOutput(rate, distortion, loss).
+    `training`: the run's TrainConfig, for the options the method takes from it."""
+    spec = _spec(method)
     if not isinstance(latent_dim, int) or latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-    builder = METHODS[method]
-    accepted = set(inspect.signature(builder).parameters) - {
-        "encoder", "features", "decoder", "latent_dim", "input_shape"}
+    accepted = set(inspect.signature(spec.builder).parameters) - set(NETWORK_ARGUMENTS)
     unknown = set(options) - accepted
     if unknown:
         raise ValueError(f"method {method!r} does not take option(s) {sorted(unknown)}; "
                          f"it takes {sorted(accepted)}")
+    if training is not None:
+        options = {**run_options(method, training), **options}
     encoder, features, decoder = build_networks(arch, input_shape, latent_dim)
-    return builder(encoder=encoder, features=features, decoder=decoder, latent_dim=latent_dim,
-                   input_shape=tuple(input_shape), **options)
-
-
-def method_options(method: str) -> set[str]:
-    """The keyword options a method's builder accepts (e.g. clip_factor for echo)."""
-    params = inspect.signature(METHODS[method]).parameters
-    return set(params) - {"encoder", "features", "decoder", "latent_dim", "input_shape"}
+    return spec.builder(encoder=encoder, features=features, decoder=decoder,
+                        latent_dim=latent_dim, input_shape=tuple(input_shape), **options)
 
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["AEOutput", "Autoencoder", "METHODS", "build_model", "method_options", "register"]
+__all__ = ["AEOutput", "Autoencoder", "METHODS", "MethodSpec", "build_model",
+           "check_method_options", "method_options", "register", "run_options",
+           "tunable_options"]

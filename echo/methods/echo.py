@@ -1,10 +1,22 @@
-"""Echo: exact-rate autoencoder (the paper's method). No marginal: the rate is -log|det S|."""
+"""Echo: exact-rate autoencoder (the paper's method). No marginal: the rate is -log|det S|.
+
+Options: clip_factor (None: the largest r whose truncated sum is exact to float32 precision,
+Sec. 5; searched by Optuna where sweep.search.method_options.echo.clip_factor is given), d_max
+(Echo terms; None: batch_size - 1), replace (noise terms drawn with replacement). The batch
+size comes from the run: it bounds d_max and sets the default clipping factor."""
 from ..channels import EchoChannel
+from ..noise import check_echo_truncation
 from . import register
 from .base import Autoencoder
 
 
-@register("echo")
+def check(options: dict, *, names: dict) -> None:
+    """Echo's truncation rule (echo.noise.check_echo_truncation) on the run's options."""
+    check_echo_truncation(options["batch_size"], options["d_max"], bool(options["replace"]),
+                          options["clip_factor"], names=names)
+
+
+@register("echo", from_run=("batch_size",), tunable=("clip_factor",), check=check)
 def build(encoder, features, decoder, latent_dim, input_shape, *, clip_factor=None, d_max=None,
           replace=False, batch_size=100) -> Autoencoder:
     channel = EchoChannel(features, latent_dim, clip_factor=clip_factor, d_max=d_max,
