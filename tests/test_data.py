@@ -2,6 +2,7 @@
 real MNIST files, binarization statistics, and downloads from a local HTTP server."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -359,8 +360,9 @@ def test_missing_mnist_is_downloaded_from_a_mirror_and_loaded(tmp_path, http_ser
     served, url = http_server
     parts = write_mnist_dir(served)
     md5s = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in served.iterdir()}
-    monkeypatch.setitem(data.MIRRORS, "mnist", [url])
-    monkeypatch.setitem(data.PUBLISHED_MD5, "mnist", md5s)
+    mirrored = dataclasses.replace(data.dataset_spec("mnist"), mirrors=(url,), files=md5s,
+                                   torchvision=None)
+    monkeypatch.setitem(data.REGISTRY, "mnist", mirrored)
     root = tmp_path / "raw"
     with pytest.raises(DataError, match="downloads are off"):
         load_dataset("mnist", "test", root, check_sizes=False)
@@ -371,7 +373,8 @@ def test_missing_mnist_is_downloaded_from_a_mirror_and_loaded(tmp_path, http_ser
 
 def test_failed_download_names_the_files_and_the_reason(tmp_path, http_server, monkeypatch):
     _, url = http_server
-    monkeypatch.setitem(data.MIRRORS, "omniglot", [url + "nothing-here/"])
+    offline = dataclasses.replace(data.dataset_spec("omniglot"), mirrors=(url + "nothing-here/",))
+    monkeypatch.setitem(data.REGISTRY, "omniglot", offline)
     with pytest.raises(DataError) as err:
         load_dataset("omniglot", "train", tmp_path / "raw", download=True)
     message = one_line(err)

@@ -1,0 +1,65 @@
+"""Binary MNIST: Larochelle & Murray's static binarization (binarized_mnist_{train,valid,test}
+.amat), the paper's data, when those files are present or downloadable; otherwise a static
+binarization of MNIST with a fixed seed, announced in a warning and in `DataSplits.variant`."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..binarization import SPLITS
+from ..errors import DataError
+from ..fetching import download, find_raw_files, search_dirs
+from ..loaders import binarized, read_idx_splits
+from ..readers import IMAGE_SIDE, read_amat
+from ..registry import DatasetSpec, DataSplits, LoadRequest, dataset_spec, register
+
+log = logging.getLogger("echo.data")
+
+
+def _load(spec: DatasetSpec, request: LoadRequest) -> DataSplits:
+    root = request.root
+    files = find_raw_files(spec, root)
+    if files is None and request.download:
+        try:
+            download(spec, root)
+            files = find_raw_files(spec, root)
+        except DataError as err:
+            log.warning("binary_mnist: could not download the Larochelle & Murray .amat files (%s)",
+                        err)
+    if files is None:
+        return _binarized_mnist(request)
+    result, used = {}, []
+    for split in request.splits:
+        path = files[f"binarized_mnist_{split}.amat"]
+        x = read_amat(path, request.expected_sizes(spec).get(split))
+        x = x.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+        result[split] = (x, np.full(len(x), -1, dtype=np.int64))   # the .amat files carry no labels
+        used.append(path)
+    return DataSplits("binary_mnist", "binary_mnist: Larochelle & Murray static binarization "
+                      "(.amat files)", result, used, None)
+
+
+def _binarized_mnist(request: LoadRequest) -> DataSplits:
+    """The fallback: MNIST's grey levels binarized with the request's seed."""
+    root, seed = request.root, request.seed
+    log.warning("binary_mnist: binarized_mnist_{train,valid,test}.amat not in %s; using a "
+                "static binarization of MNIST with seed %d instead (not the paper's exact data)",
+                " or ".join(map(str, search_dirs(BINARY_MNIST, root))), seed)
+    try:
+        parts, used = read_idx_splits(dataset_spec("mnist"), request)
+    except DataError as err:
+        raise DataError(f"binary_mnist: no binarized_mnist_{{train,valid,test}}.amat in "
+                        f"{root / 'binary_mnist'}/ or {root}/, and no MNIST to binarize: {err}",
+                        **err.arguments) from None
+    return DataSplits("binary_mnist", f"binary_mnist: static binarization of MNIST, seed {seed}",
+                      binarized(parts, seed, scale=255.0), used, seed)
+
+
+BINARY_MNIST = register(DatasetSpec(
+    name="binary_mnist", pretty="binary MNIST", loader=_load,
+    files={f"binarized_mnist_{s}.amat": None for s in SPLITS},    # no published checksums
+    sizes={"train": 50_000, "valid": 10_000, "test": 10_000},
+    mirrors=("http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/",),
+    search_dirs=("binary_mnist", ""),
+))
