@@ -15,6 +15,22 @@ import sys
 from echo.data import DataError, manifest_path, prepare
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
 
+# The params.yaml field behind each argument of echo.data's loaders, so that a DataError's fix
+# ("set check_sizes=False") reads as the field to change ("set data.check_sizes: false").
+DATA_FIELDS = {"root": "data.raw_dir", "download": "data.download",
+               "check_sizes": "data.check_sizes"}
+
+
+def yaml_setting(field: str, value: object) -> str:
+    """`field: value` as params.yaml spells it (booleans lower case)."""
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return f"{field}: {shown}"
+
+
+def data_error_line(err: DataError) -> str:
+    """A DataError's one line with the library arguments it names as params.yaml fields."""
+    return err.rephrased(DATA_FIELDS, yaml_setting)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.prepare", description=__doc__.split("\n")[0])
@@ -29,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {data_error_line(err)}", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{split} {info['n']:,}" for split, info in manifest["splits"].items())
     print(f"prepared {manifest['variant']} ({sizes}) -> {data.prepared_path} "

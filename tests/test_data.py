@@ -130,6 +130,11 @@ def test_missing_files_say_which_files_go_where(tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", str(tmp_path / "mnist"),
                  "downloads are off"):
         assert name in message
+    # the fix names the library's arguments (a caller restates them in its own terms)
+    assert f"root={str(tmp_path)!r}" in message and "download=False" in message
+    assert err.value.arguments == {"root": str(tmp_path), "download": False}
+    assert "data." not in message and "params" not in message
+    assert "(raw: " in err.value.rephrased({"root": "raw"}, lambda name, value: f"{name}: {value}")
 
 
 def test_binary_mnist_without_amat_or_mnist_names_both_options(tmp_path):
@@ -138,6 +143,7 @@ def test_binary_mnist_without_amat_or_mnist_names_both_options(tmp_path):
     message = one_line(err)
     assert "binarized_mnist_{train,valid,test}.amat" in message
     assert "t10k-images-idx3-ubyte.gz" in message and str(tmp_path / "mnist") in message
+    assert err.value.arguments == {"root": str(tmp_path), "download": False}   # kept from MNIST's
 
 
 def test_canonical_sizes_are_enforced_unless_turned_off(tmp_path):
@@ -145,6 +151,7 @@ def test_canonical_sizes_are_enforced_unless_turned_off(tmp_path):
     with pytest.raises(DataError, match="canonical file has 60000") as err:
         load_dataset("mnist", "train", root)
     assert "train-images-idx3-ubyte.gz" in one_line(err) and "check_sizes" in str(err.value)
+    assert "check_sizes=False" in str(err.value) and err.value.arguments == {"check_sizes": False}
     assert len(load_dataset("mnist", "train", root, check_sizes=False)[0]) == 10
 
 

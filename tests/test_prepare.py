@@ -155,3 +155,28 @@ def test_stage_bad_input_exits_nonzero_with_one_line_and_no_output(tmp_path, mon
     (tmp_path / "bad.yaml").write_text("data:\n  dataset: mnist\n  binarization_seed: -1\n")
     assert main(["--params", "bad.yaml"]) == 2
     assert "data.binarization_seed" in capsys.readouterr().err
+
+
+def test_stage_names_the_params_fields_where_the_library_names_its_arguments(tmp_path, monkeypatch,
+                                                                             capsys):
+    """The library's fix reads `check_sizes=False` / `download=False` / `root=...`; the stage says
+    the same with the params.yaml fields (data.check_sizes, data.download, data.raw_dir)."""
+    from stages.prepare import main
+    monkeypatch.chdir(tmp_path)
+    write_mnist_dir(tmp_path / "raw" / "mnist")                     # 12 images, not 60,000
+    with pytest.raises(DataError, match="check_sizes=False") as err:
+        prepare("mnist", tmp_path / "raw", tmp_path / "out", download=False)
+    assert err.value.arguments == {"check_sizes": False}
+    (tmp_path / "params.yaml").write_text("data:\n  dataset: mnist\n  raw_dir: raw\n  prepared_dir: out\n"
+                                          "  download: false\n")
+    assert main([]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "set data.check_sizes: false for a custom subset" in error and "check_sizes=" not in error
+
+    (tmp_path / "empty.yaml").write_text("data:\n  dataset: omniglot\n  raw_dir: nowhere\n"
+                                         "  prepared_dir: out\n  download: false\n")
+    assert main(["--params", "empty.yaml"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "(data.raw_dir: nowhere)" in error and "downloads are off (data.download: false)" in error
+    assert "download=" not in error and "root=" not in error and "\n" not in error
+    assert not (tmp_path / "out").exists()

@@ -9,8 +9,8 @@ class DataError(ValueError):
 
     Where the fix is a library argument, the message spells it `name=value` (e.g. "or set
     check_sizes=False for a custom subset", "(root='data/raw')") and `arguments` maps each such
-    name to that value, so a caller that exposes the argument under another name (the pipeline's
-    params.yaml fields) can restate the message with `rephrased`."""
+    name to that value, so a caller that exposes the argument under another name (a config
+    file's field) can restate the message in its own terms with `rephrased`."""
 
     def __init__(self, message: str, **arguments: object):
         super().__init__(message)

@@ -52,7 +52,7 @@ Loader = Callable[["DatasetSpec", LoadRequest], DataSplits]
 @dataclass(frozen=True)
 class DatasetSpec:
     """Everything the data layer knows about one data set."""
-    name: str                    # the name params.yaml and `load_dataset` use
+    name: str                    # the name `load_dataset(name)` takes
     pretty: str                  # how prose names it ("Fashion-MNIST")
     loader: Loader               # reads the requested splits (finding or fetching raw files)
     # Published raw file name -> md5 of the file as the mirrors serve it (None: no published
