@@ -386,3 +386,33 @@ def test_failed_download_names_the_files_and_the_reason(tmp_path, http_server, m
         load_dataset("omniglot", "train", tmp_path / "raw", download=True)
     message = one_line(err)
     assert "chardata.mat" in message and "download failed" in message and "404" in message
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+def test_every_data_set_is_one_registered_spec():
+    assert set(data.DATASETS) == {"binary_mnist", "mnist", "fashion_mnist", "omniglot", "digits"}
+    for name in data.DATASETS:
+        spec = data.dataset_spec(name)
+        assert spec.name == name and callable(spec.loader)
+        assert set(spec.sizes) <= set(data.SPLITS)
+        assert bool(spec.files) == bool(spec.mirrors) == bool(spec.search_dirs)   # digits: none
+    with pytest.raises(ValueError, match="registered twice"):
+        data.register(data.dataset_spec("mnist"))
+    with pytest.raises(DataError, match="unknown dataset 'mnsit'"):
+        load_splits("mnsit")
+
+
+def test_a_new_idx_data_set_is_one_spec(tmp_path, monkeypatch):
+    """What docs/data.md's how-to registers: an MNIST-format set needs only its spec."""
+    monkeypatch.setattr(data.registry, "REGISTRY", dict(data.REGISTRY))
+    data.register(data.DatasetSpec(name="kmnist", pretty="Kuzushiji-MNIST",
+                                   loader=data.idx_grey_levels, files=data.idx_files((None,) * 4),
+                                   sizes={"train": 60_000, "test": 10_000},
+                                   mirrors=("http://127.0.0.1:9/",), search_dirs=("kmnist",)))
+    parts = write_mnist_dir(tmp_path / "kmnist", fake_mnist(seed=9))
+    d = load_splits("kmnist", tmp_path, check_sizes=False)
+    assert d.variant == "kmnist: Kuzushiji-MNIST grey levels in [0, 1] from the IDX files"
+    assert np.allclose(d.splits["test"][0][:, 0] * 255, parts["test"][0])
+    with pytest.raises(DataError, match="canonical file has 60000"):
+        load_splits("kmnist", tmp_path)
