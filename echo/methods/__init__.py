@@ -79,17 +79,18 @@ def run_options(method: str, training) -> dict:
 
 def check_method_options(method: str, options: dict, *, training=None,
                          names: dict | None = None) -> None:
-    """Unknown options, and the method's own rules (`check`), as one-line ValueErrors that name
-    each option as `names` spells it (a params.yaml field, a command-line flag)."""
+    """Unknown options, and (given the run's `training` settings) the method's own rules
+    (`check`), as one-line ValueErrors that name each option as `names` spells it (a
+    params.yaml field, a command-line flag)."""
     spec = _spec(method)
     names = names or {}
     allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        spelled = [names.get(o, o) for o in unknown]
-        raise ValueError(f"method {method!r} does not take option(s) {spelled}; it takes "
+        spelled = ", ".join(names.get(o, o) for o in unknown)
+        raise ValueError(f"{spelled}: method {method!r} has no such option; its options are "
                          f"{sorted(allowed)}")
-    if spec.check is not None:
+    if spec.check is not None and training is not None:
         given = {**{k: v for k, v in allowed.items()}, **options,
                  **(run_options(method, training) if training is not None else {})}
         spec.check(given, names=names)
