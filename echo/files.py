@@ -29,7 +29,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file's bytes (any hashlib algorithm, e.g. "md5"), read in 1 MiB blocks."""
+    """The hex digest of a file's bytes (any hashlib algorithm, e.g. "md5"), read in 1 MiB
+    blocks."""
     digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -21,7 +21,7 @@ Raw files sit under `root` (default `$ECHO_DATA_ROOT` or `data/raw`) in the fold
 raises `DataError` with one line naming the file and what was expected.
 """
 from ..files import file_digest
-from . import sets  # noqa: F401  (registers every data set)
+from . import sets  # registers every data set (and so is in __all__)
 from .binarization import BINARIZATION_RULE, BINARIZATION_SEED, SPLITS, binarize, split_seed
 from .errors import DataError
 from .fetching import download, fetch, fetch_all, find_raw_files, locate, search_dirs
@@ -45,5 +45,5 @@ __all__ = [
     "find_raw_files", "idx_files", "idx_grey_levels", "load_dataset", "load_prepared",
     "load_splits", "locate", "manifest_path", "omniglot_images", "prepare", "read_amat",
     "read_chardata", "read_idx", "read_idx_pair", "read_idx_splits", "read_omniglot_mat",
-    "register", "search_dirs", "split_seed",
+    "register", "search_dirs", "sets", "split_seed",
 ]

@@ -42,15 +42,15 @@ def _load(spec: DatasetSpec, request: LoadRequest) -> DataSplits:
 
 def _binarized_mnist(request: LoadRequest) -> DataSplits:
     """The fallback: MNIST's grey levels binarized with the request's seed."""
-    root, seed = request.root, request.seed
+    seed, folders = request.seed, search_dirs(BINARY_MNIST, request.root)
     log.warning("binary_mnist: binarized_mnist_{train,valid,test}.amat not in %s; using a "
                 "static binarization of MNIST with seed %d instead (not the paper's exact data)",
-                " or ".join(map(str, search_dirs(BINARY_MNIST, root))), seed)
+                " or ".join(map(str, folders)), seed)
     try:
         parts, used = read_idx_splits(dataset_spec("mnist"), request)
     except DataError as err:
         raise DataError(f"binary_mnist: no binarized_mnist_{{train,valid,test}}.amat in "
-                        f"{root / 'binary_mnist'}/ or {root}/, and no MNIST to binarize: {err}",
+                        f"{' or '.join(f'{d}/' for d in folders)}, and no MNIST to binarize: {err}",
                         **err.arguments) from None
     return DataSplits("binary_mnist", f"binary_mnist: static binarization of MNIST, seed {seed}",
                       binarized(parts, seed, scale=255.0), used, seed)

@@ -12,7 +12,8 @@ from ..readers import IMAGE_SIDE, read_chardata
 from ..registry import DatasetSpec, DataSplits, LoadRequest, register
 
 
-def read_omniglot_mat(path: Path, check_sizes: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_omniglot_mat(path: Path, check_sizes: bool = True
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Burda et al.'s chardata.mat as {"train"/"test": (intensities [N, 28, 28], labels [N])},
     its image counts checked against the canonical file's unless check_sizes=False."""
     return read_chardata(path, OMNIGLOT.sizes if check_sizes else None)
@@ -22,7 +23,8 @@ def _load(spec: DatasetSpec, request: LoadRequest) -> DataSplits:
     path = locate(spec, request.root, request.download)["chardata.mat"]
     parts = read_chardata(path, request.expected_sizes(spec) or None)
     empty = (np.zeros((0, IMAGE_SIDE, IMAGE_SIDE)), np.zeros(0, dtype=np.int64))
-    parts = {split: parts.get(split, empty) for split in request.splits}   # no valid in Burda's split
+    # Burda's split has no validation set: `valid` is empty.
+    parts = {split: parts.get(split, empty) for split in request.splits}
     return DataSplits("omniglot", f"omniglot: Burda et al. 28x28 chardata.mat, static "
                       f"binarization, seed {request.seed}", binarized(parts, request.seed),
                       [path], request.seed)
