@@ -22,6 +22,7 @@ import time
 import torch
 
 from echo import build_model
+from echo.settings import TrainConfig
 
 TABLE_2 = ("vae", "infovae", "vae-vamp", "vae-maf", "iaf-prior", "iaf-mmd", "iaf-vamp", "iaf-maf",
            "echo")
@@ -38,8 +39,9 @@ def measure(methods, arch: str, batch_size: int, repeats: int, steps: int,
     x = torch.bernoulli(torch.full((batch_size, 1, 28, 28), 0.13)).to(device)
     runs = {}
     for method in methods:
-        options = {"batch_size": batch_size} if method == "echo" else {}
-        model = build_model(method, arch=arch, **options).to(device)
+        # the options a method takes from the run (Echo: the batch size) come from its settings
+        model = build_model(method, arch=arch,
+                            training=TrainConfig(method=method, batch_size=batch_size)).to(device)
         runs[method] = (model, torch.optim.Adam(model.parameters(), lr=3e-4))
 
     def step(method: str) -> None:

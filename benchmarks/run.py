@@ -66,12 +66,12 @@ class Options:
 # --------------------------------------------------------------------------- device and timing
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; "
-                         "use --device cpu")
-    return torch.device(name)
+    """echo.device's rule for "auto"; a device this machine lacks is one line and exit 2."""
+    from echo.device import device_problem, resolve_device as resolve
+    problem = device_problem(name)
+    if problem:
+        raise SystemExit(f"error: --device {name}: {problem}; use --device cpu")
+    return resolve(name)
 
 
 def describe_device(device: torch.device) -> str:

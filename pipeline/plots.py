@@ -69,11 +69,12 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
                 markersize=5, label=f"{series} (rate: {kind})")
         hull = front[front["on_hull"].astype(bool)]
         ax.plot(hull["rate"], hull["distortion"], "o", color=color, markersize=5)
-    echo_color = next((colors[s] for s in colors if s.split()[0] == "echo"), "black")
-    limits = points["low_rate_limit"].dropna().unique()
-    for i, limit in enumerate(sorted(limits)):
-        ax.axvline(limit, color=echo_color, linestyle="--", linewidth=1,
-                   label="Echo low-rate limit $-d_z \\log r$" if i == 0 else None)
+    # The low-rate limit -d_z log r belongs to the series whose rows carry one (an exact-rate
+    # channel with a clipping factor), drawn in that series' colour.
+    limits = points.dropna(subset=["low_rate_limit"]).drop_duplicates("low_rate_limit")
+    for i, row in enumerate(limits.sort_values("low_rate_limit").itertuples()):
+        ax.axvline(row.low_rate_limit, color=colors.get(row.series, "black"), linestyle="--",
+                   linewidth=1, label="Echo low-rate limit $-d_z \\log r$" if i == 0 else None)
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
     xlim = (min(0.0, xlim[0]), xlim[1])
     rate_grid = np.linspace(*xlim, 2)

@@ -21,3 +21,21 @@ def mnist_dir() -> Path:
     if path is None:
         pytest.skip("real MNIST IDX files not found (set ECHO_MNIST_DIR)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads contending with other jobs
+    run these small networks several times slower than one (measured). Modules that want it
+    for every test declare `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def snapshot(folder: Path) -> set[str]:
+    """Every path below `folder`, relative: compared before and after, it shows that a refused
+    input left nothing behind."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}

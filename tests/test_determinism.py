@@ -18,13 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"epoch_seconds"}      # wall-clock, the only metric allowed to differ
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -12,13 +12,8 @@ from echo.flows import MADE, PAPER_HIDDEN, PAPER_STEPS, AutoregressiveFlow, Auto
 from echo.marginals import MAFMarginal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two contending threads are slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
 
 
 def randomise(module: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:

@@ -29,14 +29,8 @@ SMALL = {"vae-vamp": {"n_pseudo": 50}, "iaf-vamp": {"n_pseudo": 50, "flow_hidden
          "iaf-mmd": {"flow_hidden": 64}, "iaf-maf": {"flow_hidden": 64}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contending with other jobs
-    run these small networks several times slower than one (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
 
 
 def test_all_nine_methods_of_table_2_are_registered():
