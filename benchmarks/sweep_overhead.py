@@ -38,8 +38,9 @@ def measure_sweep_overhead(quick: bool, sweep_options: dict | None = None) -> di
     from ray import tune
 
     from pipeline.config import Params
+    from pipeline.results_tracking import resolve_tracking_uri
     from pipeline.sweep import connect_ray, run_sweep
-    from pipeline.tracking import SweepTracker, resolve_tracking_uri
+    from pipeline.tracking import SweepTracker
 
     class EpochTimes(tune.Callback):
         def __init__(self):

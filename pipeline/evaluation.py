@@ -22,10 +22,10 @@ from echo import echo_low_rate_limit
 from echo.train import atomic_write, evaluate, iwae_neg_log_likelihood, load_model, resolve_device
 from pipeline.aggregate import best_at_beta
 from pipeline.comparison import comparison_metrics
+from pipeline.trials import SETTING_COLUMNS, TrialStatus
 
-# The contract of results/sweep.csv written by the sweep stage.
-SWEEP_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
-                 "clip_factor", "status", "error", "checkpoint")
+# What evaluate reads of results/sweep.csv (pipeline.trials.CSV_COLUMNS).
+SWEEP_COLUMNS = (*SETTING_COLUMNS, "status", "error", "checkpoint")
 METRIC_COLUMNS = ("rate", "rate_kind", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik",
                   "low_rate_limit", "note")
 EVALUATION_COLUMNS = SWEEP_COLUMNS + METRIC_COLUMNS
@@ -85,14 +85,14 @@ def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int
     """One row per sweep trial; metrics for the completed ones (tqdm bar over checkpoints)."""
     dev = resolve_device(device)
     rows = []
-    completed = sweep["status"] == "completed"
+    completed = sweep["status"] == TrialStatus.COMPLETED
     # `with`: an error closes the bar first, so its message is not printed on the bar's line
     with tqdm(total=int(completed.sum()), desc="evaluate", unit="model",
               disable=not progress) as bar:
         for _, trial in sweep.iterrows():
             row = {c: trial[c] for c in SWEEP_COLUMNS}
             row.update({c: np.nan for c in METRIC_COLUMNS})
-            if trial["status"] == "completed":
+            if trial["status"] == TrialStatus.COMPLETED:
                 row.update(evaluate_checkpoint(trial["checkpoint"], x_test, batch_size=batch_size,
                                                iwae_k=iwae_k, device=dev, seed=seed))
                 bar.set_postfix(method=trial["method"], beta=trial["beta"],

@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import PARAMS_FILE, ParamsError, load_params
+from pipeline.trials import TrialStatus
 
 # evaluation.csv column -> final metric of the child run; prefixed so that they never mix with
 # the per-epoch `test_*` history the sweep logs (step = epoch).
@@ -117,7 +118,7 @@ def log_final_metrics(client, evaluation: pd.DataFrame, sweep: pd.DataFrame) -> 
     from mlflow.entities import Metric, RunTag
     ids = _run_ids(sweep)
     rows = [r for _, r in evaluation.iterrows()
-            if r.get("status") == "completed" and math.isfinite(float(r["neg_elbo"]))]
+            if r.get("status") == TrialStatus.COMPLETED and math.isfinite(float(r["neg_elbo"]))]
     runs = _existing_runs(client, [ids[r["trial_id"]] for r in rows if r["trial_id"] in ids])
     logged = missing = 0
     now = int(time.time() * 1000)

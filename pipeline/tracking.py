@@ -27,9 +27,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pipeline.results_tracking import resolve_tracking_uri  # one rule for every stage
-from pipeline.sweep import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, member_folder,
-                            member_result, trial_error_text, trial_members)
+from pipeline.results_tracking import PARENT_TAG
+from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, TrialStatus,
+                             member_folder, member_result, trial_error_text, trial_members)
 
 TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "seed", "lr", "clip_factor",
                 "epochs", "batch_size")
@@ -39,7 +39,6 @@ ROLE_TAG = "echo.role"
 # ECHO_TRACKING_MAX_OUTAGE_S), and how often the store is tried meanwhile.
 MAX_OUTAGE_SECONDS = 600.0
 RETRY_SECONDS = 5.0
-PARENT_TAG = "mlflow.parentRunId"
 
 
 @contextlib.contextmanager
@@ -153,8 +152,8 @@ class SweepTracker(tune.Callback):
                           f"'RUNNING'", max_results=50000)
         for run in runs:
             if run.data.tags.get(ROLE_TAG) == "trial" and \
-                    run.data.tags.get("status") == "running":
-                self.client.set_tag(run.info.run_id, "status", "interrupted")
+                    run.data.tags.get("status") == TrialStatus.RUNNING:
+                self.client.set_tag(run.info.run_id, "status", TrialStatus.INTERRUPTED)
             self.client.set_terminated(run.info.run_id, status)
         return len(runs)
 
@@ -187,7 +186,8 @@ class SweepTracker(tune.Callback):
                 tags={PARENT_TAG: self.parent_id, SWEEP_UID_TAG: self.sweep_uid,
                       ROLE_TAG: "trial", "trial_id": trial_id, "method": config["method"],
                       "dataset": config["dataset"], "beta": _param_text(config["beta"]),
-                      "seed": _param_text(config.get("seed")), "status": "running"}).info.run_id
+                      "seed": _param_text(config.get("seed")),
+                      "status": TrialStatus.RUNNING}).info.run_id
             self.client.log_batch(run_id, params=[
                 Param(k, _param_text(config.get(k))) for k in TRIAL_PARAMS])
             self._last_step[trial_id] = 0
@@ -197,7 +197,7 @@ class SweepTracker(tune.Callback):
     def log_epoch(self, config: dict, result: dict) -> None:
         """The six per-epoch metrics (nats) with step = epoch, each epoch at most once."""
         trial_id = config["trial_id"]
-        run_id = self.child_run(config)
+        self.child_run(config)           # created (or found) the first time
         epoch = int(result["epoch"])
         if epoch <= self._last_step.get(trial_id, 0):
             return                       # re-run after a restore from an earlier checkpoint
@@ -236,14 +236,15 @@ class SweepTracker(tune.Callback):
         if error:
             tags.append(RunTag("error", error[:4000]))
         self.client.log_batch(run_id, tags=tags)
-        if checkpoint is not None and status == "completed":
+        if checkpoint is not None and status == TrialStatus.COMPLETED:
             with checkpoint.as_directory() as local:
                 if (Path(local) / folder / MODEL_FILE).exists():
                     self.complete_history(run_id, Path(local) / folder / MODEL_FILE)
                 for name in (MODEL_FILE, RECONSTRUCTIONS_FILE):
                     if (Path(local) / folder / name).exists():
                         self.client.log_artifact(run_id, str(Path(local) / folder / name))
-        self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if status == TrialStatus.COMPLETED
+                                   else "FAILED")
 
     def complete_history(self, run_id: str, model_path: Path) -> int:
         """Log the epochs of the final checkpoint's per-epoch history that the run lacks: a
@@ -335,15 +336,15 @@ class SweepTracker(tune.Callback):
         self._defer(lambda: [self.child_run(member) for member in members])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("status") == "running" and "epoch" in result:
+        if result.get("status") == TrialStatus.RUNNING and "epoch" in result:
             members = [(m, member_result(result, m)) for m in trial_members(trial.config)]
             self._defer(lambda: [self.log_epoch(m, r) for m, r in members])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        status = result.get("status", "completed")
-        if status == "running":
-            status = "completed"
+        status = result.get("status", TrialStatus.COMPLETED)
+        if status == TrialStatus.RUNNING:
+            status = TrialStatus.COMPLETED
         members, checkpoint = trial_members(trial.config), trial.checkpoint
         self._defer(lambda: [self.finish_trial(member, status, result.get("error", ""),
                                                checkpoint, member_folder(member))
@@ -351,7 +352,8 @@ class SweepTracker(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         members, error = trial_members(trial.config), trial_error_text(trial)
-        self._defer(lambda: [self.finish_trial(member, "failed", error) for member in members])
+        self._defer(lambda: [self.finish_trial(member, TrialStatus.FAILED, error)
+                             for member in members])
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         members = trial_members(trial.config)

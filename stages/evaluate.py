@@ -23,6 +23,7 @@ from pipeline.config import PARAMS_FILE, ParamsError, load_params
 from pipeline.evaluation import (EvaluationError, evaluate_sweep, metrics_summary, read_sweep,
                                  write_csv, write_json)
 from pipeline.results_tracking import publish
+from pipeline.trials import TrialStatus
 
 SWEEP_CSV = "results/sweep.csv"
 EVALUATION_CSV = "results/evaluation.csv"
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(table, EVALUATION_CSV)
     write_csv(comparison, COMPARISON_CSV)
     write_json(summary, METRICS_JSON)
-    done = int((table["status"] == "completed").sum())
+    done = int((table["status"] == TrialStatus.COMPLETED).sum())
     print(f"evaluated {done} of {len(table)} trials on {len(x_test)} test images -> "
           f"{EVALUATION_CSV}, {COMPARISON_CSV}, {METRICS_JSON}")
     for method, entry in summary["best_test_neg_elbo"].items():

@@ -201,7 +201,7 @@ def test_sweep_without_a_completed_trial_fails_and_closes_old_runs(tmp_path):
     1 with one line, writes no results/sweep.csv (DVC records nothing) and ends its MLflow
     runs as FAILED. The folder and runs of an earlier sweep with other params, left open by
     a killed driver, are archived and closed (KILLED), not left RUNNING."""
-    from pipeline.sweep import experiment_uid
+    from pipeline.experiment import experiment_uid
     from pipeline.tracking import SweepTracker
 
     write_params(tmp_path, "nothing", betas=[1e39], epochs=1)

@@ -1,0 +1,108 @@
+"""What the sweep checks before Ray starts, so that a sweep that cannot succeed fails in
+seconds with one line instead of after (or without) training: the device, the GPUs a local
+Ray would have, the data, and a write in every output folder.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from echo.data import DataError
+from echo.train import load_train_test
+from pipeline.config import Params
+from pipeline.experiment import storage_uri
+from pipeline.results_tracking import resolve_tracking_uri
+from pipeline.sweep_errors import SweepError
+from pipeline.trainable import train_config, trial_base
+from pipeline.trials import ARTIFACT_DIR, CHECKPOINT_DIR, RESULTS_CSV, grid_points
+
+
+def check_inputs(params: Params, root: Path) -> None:
+    """Fail before Ray starts: the device must exist here (for a local Ray), the data must
+    load and hold at least one batch, and every output folder must take a write."""
+    check_device(params)
+    base = trial_base(params, root)
+    cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0],
+                        "clip_factor": None})
+    try:
+        x_train, _ = load_train_test(cfg)
+    except (DataError, ValueError, OSError) as err:
+        raise SweepError(f"data: cannot load {params.data.dataset!r} ({err}); run "
+                         f"`python -m stages.prepare` or fix data.raw_dir") from err
+    n = len(x_train[: params.sweep.train_limit])
+    if n < params.train.batch_size:
+        raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
+                         f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
+    check_outputs(params, root)
+
+
+def check_device(params: Params) -> None:
+    """`train.device` must exist on this machine when the trials run here. On a cluster
+    ($RAY_ADDRESS) they run on its nodes, which the driver cannot look into: not checked."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from echo.train import device_problem
+    problem = device_problem(params.train.device)
+    if problem:
+        # Every trial would crash on it, be retried, and the sweep would end with no results.
+        raise SweepError(f"train.device={params.train.device!r}: {problem}; set train.device: "
+                         f"auto or cpu, or run on a machine or Ray cluster ($RAY_ADDRESS) with it")
+
+
+def local_gpu_count() -> float:
+    """The GPUs a Ray started here would register, counted the way Ray counts them (it honours
+    CUDA_VISIBLE_DEVICES), without starting it; torch's count if that internal API moved."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+        return get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    except Exception:  # noqa: BLE001 - a private API: fall back rather than fail the sweep
+        import torch
+        return torch.cuda.device_count()
+
+
+def check_local_gpus(params: Params, found: float | None = None) -> None:
+    """With a Ray this driver starts, trials asking for more GPUs than it has would wait
+    forever (Ray warns once a minute): refuse. A cluster may still add GPU nodes: not checked."""
+    wanted = params.sweep.resources.gpu
+    found = local_gpu_count() if found is None else found
+    if wanted > found:
+        raise SweepError(f"sweep.resources.gpu={wanted:g} but this machine has {found:g} "
+                         f"GPU(s) for Ray, so no trial could start; set sweep.resources.gpu: 0 "
+                         f"or join a Ray cluster with GPUs ($RAY_ADDRESS)")
+
+
+PROBE_BYTES = 1 << 20     # a write of this size must succeed in every output folder
+
+
+def output_folders(params: Params, root: Path) -> list[tuple[str, Path]]:
+    """(what, folder) of everything the sweep writes on this machine."""
+    folders = [(f"{RESULTS_CSV.parent}/ ({RESULTS_CSV.as_posix()}, {CHECKPOINT_DIR.as_posix()})",
+                root / RESULTS_CSV.parent),
+               (f"{ARTIFACT_DIR}/ (MLflow artifacts)", root / ARTIFACT_DIR)]
+    if "://" not in params.sweep.storage_path:
+        folders.append(("sweep.storage_path", Path(storage_uri(params, root))))
+    uri = resolve_tracking_uri(params.tracking.uri, root)
+    if uri.startswith("sqlite:///"):
+        folders.append(("tracking.uri", Path(uri[len("sqlite:///"):]).parent))
+    return folders
+
+
+def check_outputs(params: Params, root: Path) -> None:
+    """Every output folder takes a file of PROBE_BYTES now (read-only, full, or a file where
+    the folder should be), instead of an OSError after every trial trained."""
+    for what, folder in output_folders(params, root):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(bytes(PROBE_BYTES))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                os.unlink(probe)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise SweepError(f"{what}: cannot write to {folder} ({reason}); make it writable or "
+                             f"free space there before the sweep trains") from None

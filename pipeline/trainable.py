@@ -1,0 +1,262 @@
+"""The Tune trainables (they run in Ray workers): one trial's `echo.train.fit`, or a packed
+trial's `echo.ensemble.fit_ensemble` over all betas, with per-epoch reports, Tune checkpoints
+and resumption; and the trial config they are given (`trial_base` + a grid point).
+
+- `train_trial` reports every epoch, writes a Tune checkpoint every `sweep.checkpoint_every`
+  epochs (at most one per `sweep.checkpoint_min_interval_s` seconds) and at the end, and
+  resumes from the newest intact checkpoint it finds. A NaN/inf loss ends the trial with status
+  "nonfinite"; other exceptions crash it and Tune retries it (`FailureConfig`).
+- `train_packed_trial` (`sweep.pack_betas`): all betas of one (method, arch, latent_dim,
+  sample) as one ensemble run; `pipeline.trials.trial_members` splits it into per-beta trials.
+
+Trial workers import this module: MLflow, pandas and Optuna (seconds of imports per worker)
+are not imported here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.fs
+from ray import tune
+
+from echo import clip_factor as solve_clip_factor
+from echo.checkpoint import CHECKPOINT_FILE
+from echo.train import (NonFiniteLossError, TrainConfig, fit, load_checkpoint, load_model,
+                        load_train_test, save_checkpoint)
+from pipeline.config import Params
+from pipeline.trials import (MODEL_FILE, RECONSTRUCTIONS_FILE, REPORTED_METRICS, TrialStatus,
+                             member_folder, trial_members)
+
+RECON_COUNT = 8                    # test images in the reconstruction grid
+
+
+def trial_base(params: Params, root: Path) -> dict:
+    """Settings shared by every trial (plain data; paths absolute for the workers)."""
+    prepared = root / params.data.prepared_path
+    return {
+        "dataset": params.data.dataset,
+        "prepared": str(prepared) if prepared.exists() else None,
+        "data_root": str(root / params.data.raw_dir),
+        "epochs": params.train.epochs, "batch_size": params.train.batch_size,
+        "lr": params.train.lr, "lr_decay_start": params.train.lr_decay_start,
+        "beta_warmup_steps": params.train.beta_warmup_steps,
+        "seed": params.sweep.seeds[0], "device": params.train.device,
+        "d_max": params.train.d_max, "replace": params.train.replace,
+        "clip_factor": solve_clip_factor(echo_terms(params)),
+        "train_limit": params.sweep.train_limit, "test_limit": params.sweep.test_limit,
+        # ASHA stops trials at any epoch: checkpoint every epoch so the kept model matches
+        # the trial's last metrics.
+        "checkpoint_every": 1 if params.sweep.asha else params.sweep.checkpoint_every,
+        "checkpoint_min_interval_s": 0 if params.sweep.asha else params.sweep.checkpoint_min_interval_s,
+        "cuda_graph": params.train.cuda_graph,
+    }
+
+
+def echo_terms(params: Params) -> int:
+    """d_max, the number of terms of the truncated Echo sum (Sec. 5)."""
+    return params.train.d_max if params.train.d_max is not None else params.train.batch_size - 1
+
+
+def train_config(config: dict) -> TrainConfig:
+    """The `echo.train` settings of one per-beta trial config (`trial_base` + its grid point)."""
+    options = {}
+    if config["method"] == "echo":
+        options = {"clip_factor": config["clip_factor"], "d_max": config["d_max"],
+                   "replace": config["replace"]}
+    return TrainConfig(
+        method=config["method"], dataset=config["dataset"], data_root=config["data_root"],
+        prepared=config["prepared"], arch=config["arch"], latent_dim=config["latent_dim"],
+        beta=config["beta"], epochs=config["epochs"], batch_size=config["batch_size"],
+        lr=config["lr"], lr_decay_start=config["lr_decay_start"], seed=config["seed"],
+        **({} if config["beta_warmup_steps"] is None
+           else {"beta_warmup_steps": config["beta_warmup_steps"]}),
+        device=config["device"], train_limit=config["train_limit"],
+        test_limit=config["test_limit"], method_options=options, progress=False,
+        cuda_graph=config["cuda_graph"])
+
+
+def epoch_report(metrics: dict, beta: float) -> dict:
+    """One epoch's report of one model."""
+    return {**metrics, "status": TrialStatus.RUNNING, "error": "",
+            # the trained objective D + beta R, a possible search metric
+            "train_loss": metrics["train_distortion"] + beta * metrics["train_rate"],
+            "test_loss": metrics["test_distortion"] + beta * metrics["test_rate"]}
+
+
+def nonfinite_report(err: NonFiniteLossError, epochs_done: int) -> dict:
+    """Deterministic divergence: retrying would diverge again, so the trial ends (is not
+    crashed) with the reason; the sweep goes on. Every metric name a search / scheduler may
+    watch must be present (Tune checks)."""
+    return {"status": TrialStatus.NONFINITE, "error": str(err), "epoch": epochs_done,
+            **{name: float("nan") for name in REPORTED_METRICS}}
+
+
+def train_trial(config: dict) -> None:
+    """One trial: fit with per-epoch reports and Tune checkpoints; resumes when Tune restarts it."""
+    if "betas" in config:
+        return train_packed_trial(config)
+    cfg = train_config(config)
+    every, min_interval = config["checkpoint_every"], config["checkpoint_min_interval_s"]
+    given = tune.get_checkpoint()
+    checkpoint = newest_trial_checkpoint(given)
+    resume = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / MODEL_FILE)
+    done = {"epochs": int(resume["epoch"]) if resume else 0}
+
+    known = _checkpoint_epoch(given)
+    if done["epochs"] > known:
+        # Tune's snapshot lagged behind this trial (its driver was killed): replay the epochs
+        # it lost, so that Tune's iteration count and the tracked per-epoch metrics stay
+        # complete, then go on from there (a finished trial trains nothing). The checkpoint is
+        # reported from a copy: Tune may persist it into the very folder it came from.
+        lost = resume["history"][known:]
+        for metrics in lost[:-1]:
+            tune.report(epoch_report(metrics, cfg.beta))
+        with tempfile.TemporaryDirectory() as folder:
+            tune.report(epoch_report(lost[-1], cfg.beta),
+                        checkpoint=tune.Checkpoint.from_directory(checkpoint.to_directory(folder)))
+        if done["epochs"] >= cfg.epochs:
+            return
+
+    saved = {"at": time.monotonic()}
+
+    def on_epoch(epoch: int, metrics: dict, state) -> None:
+        done["epochs"] = epoch
+        report = epoch_report(metrics, cfg.beta)
+        last = epoch == cfg.epochs
+        due = epoch % every == 0 and time.monotonic() - saved["at"] >= min_interval
+        if not (last or due):
+            tune.report(report)
+            return
+        saved["at"] = time.monotonic()
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder) / MODEL_FILE, state())
+            if last:
+                write_reconstructions(Path(folder) / MODEL_FILE, cfg,
+                                      Path(folder) / RECONSTRUCTIONS_FILE)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        fit(cfg, on_epoch=on_epoch, resume=resume)
+    except NonFiniteLossError as err:
+        tune.report(nonfinite_report(err, done["epochs"]))
+
+
+def train_packed_trial(config: dict) -> None:
+    """All betas of a packed trial as one `fit_ensemble` run (same lr / clip factor / seed for
+    every member: each member is the separate run of its beta). Per epoch it reports the mean
+    over members of each metric (what the searcher sees) and member k's as `member_<k>/<name>`.
+
+    Its only Tune checkpoint is the final one, `member_<k>/model.pt` (+ reconstructions.png)
+    per member: `fit_ensemble` cannot resume, so a packed trial that Tune restarts trains from
+    epoch 0 again. A NaN/inf loss of any member ends the whole trial as nonfinite."""
+    from echo.ensemble import fit_ensemble
+    cfgs = [train_config(member) for member in trial_members(config)]
+    done = {"epochs": 0}
+
+    def report(epoch: int, metrics: list[dict]) -> dict:
+        members = [epoch_report(m, cfg.beta) for m, cfg in zip(metrics, cfgs)]
+        out = {name: sum(m[name] for m in members) / len(members) for name in REPORTED_METRICS}
+        out.update(status=TrialStatus.RUNNING, error="", epoch=epoch)
+        for k, m in enumerate(members):
+            prefix = member_folder({"member": k})
+            out.update({f"{prefix}/{name}": m[name] for name in REPORTED_METRICS})
+        return out
+
+    def on_epoch(epoch: int, metrics: list[dict]) -> None:
+        done["epochs"], done["report"] = epoch, report(epoch, metrics)
+        if epoch < cfgs[0].epochs:      # the last one goes with the checkpoint, written after
+            tune.report(done["report"])
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            # strategy "auto": CUDA streams on a GPU (the speed-up), a loop over members on a
+            # CPU (no speed-up, but one process and one data load for all betas).
+            fit_ensemble(replace(cfgs[0], out=folder), betas=[cfg.beta for cfg in cfgs],
+                         strategy="auto", on_epoch=on_epoch)
+        except NonFiniteLossError as err:
+            tune.report(nonfinite_report(err, done["epochs"]))
+            return
+        x_test = load_train_test(cfgs[0])[1]
+        for k, cfg in enumerate(cfgs):        # fit_ensemble wrote member_<k>/CHECKPOINT_FILE
+            member = Path(folder) / member_folder({"member": k})
+            os.replace(member / CHECKPOINT_FILE, member / MODEL_FILE)
+            write_reconstructions(member / MODEL_FILE, cfg, member / RECONSTRUCTIONS_FILE,
+                                  x_test=x_test)
+        tune.report(done["report"], checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _checkpoint_epoch(checkpoint: tune.Checkpoint | None) -> int:
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        return int(load_checkpoint(Path(folder) / MODEL_FILE)["epoch"])
+
+
+def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | None:
+    """The newest intact checkpoint this trial persisted; `given` (Tune's) if none is newer.
+
+    Tune restores a trial from the last checkpoint in its experiment snapshot, which is
+    throttled: after a SIGKILLed driver it can lag behind the checkpoints the trial had already
+    written to its folder (even its final one), or hold none, and the trial would train those
+    epochs again. The trial's own `checkpoint_*` folders in storage say how far it really got.
+    """
+    try:
+        storage = tune.get_context().get_storage()     # DeveloperAPI: the trial's folder
+        fs, folder = storage.storage_filesystem, storage.trial_fs_path
+    except Exception:  # noqa: BLE001 - outside a Tune session or an older Ray: the given one
+        if given is None:
+            return None
+        fs, folder = given.filesystem, given.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return given
+    names = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+             and i.base_name.startswith("checkpoint_")]
+    # By epoch, not by name: after a restore Tune numbers new folders from its snapshot, so a
+    # higher-numbered stale folder can hold an earlier epoch. Half-written folders fail to load.
+    best, best_epoch = given, -1
+    for name in names:
+        candidate = tune.Checkpoint(f"{folder}/{name}", filesystem=fs)
+        try:
+            with candidate.as_directory() as local:
+                epoch = int(load_checkpoint(Path(local) / MODEL_FILE)["epoch"])
+        except (ValueError, OSError, KeyError):
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = candidate, epoch
+    return best
+
+
+def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=None) -> None:
+    """A 2-row PNG: test images above, the model's reconstruction probabilities below
+    (`x_test`: the test set if already loaded)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    model, _ = load_model(model_path)
+    model.eval()
+    if x_test is None:
+        x_test = load_train_test(cfg)[1]
+    x_test = x_test[: cfg.test_limit][: cfg.batch_size]
+    with torch.no_grad():
+        probs = torch.sigmoid(model(x_test, cfg.beta).logits)
+    count = min(RECON_COUNT, len(x_test))
+    fig, axes = plt.subplots(2, count, figsize=(count, 2.2), squeeze=False)
+    for col in range(count):
+        for row, images in enumerate((x_test, probs)):
+            image = images[col].permute(1, 2, 0).squeeze(-1).numpy()
+            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+    fig.suptitle(f"{cfg.method} β={cfg.beta:g}: data (top), reconstruction (bottom)", fontsize=8)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)

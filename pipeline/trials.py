@@ -1,0 +1,122 @@
+"""What a sweep trial is: its name, its grid point, its per-beta members, its status, its files
+and its row of results/sweep.csv. The lowest module of the sweep: plain data and functions,
+no Ray, MLflow or torch, so that the trainables (in Ray workers), the MLflow tracker and the
+driver all take these names from here and each is defined once.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from pipeline.config import Params
+
+
+class TrialStatus:
+    """A trial's status: the `status` key of every report it makes to Tune, its MLflow child
+    run's `status` tag and its `status` column in results/sweep.csv (plain strings: they are
+    written as they are)."""
+    RUNNING = "running"          # every epoch's report; never how a trial ends
+    COMPLETED = "completed"      # trained every epoch (or stopped early by ASHA)
+    NONFINITE = "nonfinite"      # its loss turned NaN/inf: ended with the reason, no retry
+    FAILED = "failed"            # crashed more than sweep.max_failures times
+    INTERRUPTED = "interrupted"  # MLflow only: its sweep was archived before it ended
+
+
+# The six per-epoch metrics (nats) of a model, as echo.train reports them and the CSV keeps them.
+EPOCH_METRICS = ("train_rate", "train_distortion", "train_neg_elbo",
+                 "test_rate", "test_distortion", "test_neg_elbo")
+# What a trial reports per epoch (and per member, for a packed trial): any may be the search
+# metric, so all must be present in every report (Tune checks).
+REPORTED_METRICS = (*EPOCH_METRICS, "train_loss", "test_loss")
+
+# The files of a trial's final Tune checkpoint (per member folder for a packed trial), also its
+# MLflow child run's artifacts. The model file is echo's checkpoint dict (`echo.train.
+# save_checkpoint`); in the stage's outputs it is `trial_checkpoint(trial_id)`.
+MODEL_FILE = "model.pt"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+
+# The sweep stage's outputs, relative to the project root (its DVC outs).
+RESULTS_CSV = Path("results/sweep.csv")
+CHECKPOINT_DIR = Path("results/checkpoints")
+ARTIFACT_DIR = Path("mlartifacts")          # the MLflow experiment's artifact root (not an out)
+# A trial's settings: the first columns of results/sweep.csv and of results/evaluation.csv.
+SETTING_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
+                   "clip_factor")
+CSV_COLUMNS = [*SETTING_COLUMNS, "status", "error", "epochs_done", "checkpoint", "mlflow_run_id",
+               *EPOCH_METRICS]
+
+
+def trial_checkpoint(trial_id: str, folder: Path = CHECKPOINT_DIR) -> Path:
+    """Where a completed trial's model file goes among the stage's outputs."""
+    return folder / f"{trial_id}.pt"
+
+
+def trial_name(point: dict, sample: int, num_samples: int) -> str:
+    """Readable, deterministic trial id, e.g. `echo_b0.3_mlp_z32` (`_seed1` when the sweep has
+    several seeds, `_s1` for repeated Optuna samples); `echo_betas_mlp_z32` for a packed point
+    (all betas in one trial)."""
+    beta = f"b{point['beta']:g}" if "beta" in point else "betas"
+    name = f"{point['method']}_{beta}_{point['arch']}_z{point['latent_dim']}"
+    if "seed" in point:
+        name = f"{name}_seed{point['seed']}"
+    return f"{name}_s{sample}" if num_samples > 1 else name
+
+
+def grid_points(params: Params) -> list[dict]:
+    """The searcher's grid; with `sweep.pack_betas` a point has no beta but all `betas`. With
+    several `sweep.seeds` each point is repeated per seed (its `seed` key); with one, the seed
+    is the trials' shared setting (`trial_base`) and names stay as before seeds existed."""
+    s = params.sweep
+    seeds = [{"seed": seed} for seed in s.seeds] if len(s.seeds) > 1 else [{}]
+    if s.pack_betas:
+        return [{"method": m, "betas": [float(b) for b in s.betas], "arch": a,
+                 "latent_dim": int(z), **seed}
+                for m, a, z, seed in itertools.product(s.methods, s.archs, s.latent_dims, seeds)]
+    return [{"method": m, "beta": float(b), "arch": a, "latent_dim": int(z), **seed}
+            for m, b, a, z, seed in itertools.product(s.methods, s.betas, s.archs,
+                                                      s.latent_dims, seeds)]
+
+
+def trial_members(config: dict) -> list[dict]:
+    """The per-beta trials one Tune trial stands for: the trial itself, or, for a packed trial,
+    one config per beta with its own `trial_id` (as the unpacked sweep names it) and its index
+    `member` in the ensemble. MLflow runs and CSV rows are made per member."""
+    if "betas" not in config:
+        return [config]
+    rest = {k: v for k, v in config.items() if k not in ("betas", "member_ids")}
+    return [{**rest, "beta": beta, "trial_id": name, "member": k}
+            for k, (beta, name) in enumerate(zip(config["betas"], config["member_ids"]))]
+
+
+def member_result(result: dict, member: dict) -> dict:
+    """A member's view of its trial's result: a packed trial reports member k's metrics as
+    `member_<k>/<name>` beside their means (what the searcher sees) and the shared keys."""
+    if "member" not in member:
+        return result
+    prefix = f"{member_folder(member)}/"
+    shared = {k: v for k, v in result.items() if "/" not in k}
+    return {**shared, **{k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}}
+
+
+def member_folder(member: dict) -> str:
+    """Where a member's files are in its trial's checkpoint ("" for an unpacked trial)."""
+    return f"member_{member['member']}" if "member" in member else ""
+
+
+def trial_error_text(trial) -> str:
+    """The last line of a crashed Tune trial's error (the exception), for MLflow and the CSV."""
+    error = trial.get_error()
+    text = str(error).strip() if error is not None else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "trial failed (no error recorded)"
+
+
+def csv_row(config: dict, metrics: dict, status: str, error: str, checkpoint: str) -> dict:
+    """One CSV row (without its MLflow run id) of one per-beta trial."""
+    return {"trial_id": config["trial_id"], "method": config["method"],
+            "dataset": config["dataset"], "arch": config["arch"],
+            "latent_dim": config["latent_dim"], "beta": config["beta"], "seed": config["seed"],
+            "lr": config["lr"],
+            "clip_factor": config["clip_factor"], "status": status, "error": error,
+            "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
+            **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}}
