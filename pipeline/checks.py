@@ -15,10 +15,11 @@ from pipeline.experiment import storage_uri
 from pipeline.results_tracking import resolve_tracking_uri
 from pipeline.sweep_errors import SweepError
 from pipeline.trainable import train_config, trial_base
-from pipeline.trials import ARTIFACT_DIR, CHECKPOINT_DIR, RESULTS_CSV, grid_points
+from pipeline.stage_files import StageFiles
+from pipeline.trials import ARTIFACT_DIR, grid_points
 
 
-def check_inputs(params: Params, root: Path) -> None:
+def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     """Fail before Ray starts: the device must exist here (for a local Ray), the data must
     load and hold at least one batch, and every output folder must take a write."""
     check_device(params)
@@ -34,7 +35,7 @@ def check_inputs(params: Params, root: Path) -> None:
     if n < params.train.batch_size:
         raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
                          f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
-    check_outputs(params, root)
+    check_outputs(params, root, files)
 
 
 def check_device(params: Params) -> None:
@@ -75,11 +76,14 @@ def check_local_gpus(params: Params, found: float | None = None) -> None:
 PROBE_BYTES = 1 << 20     # a write of this size must succeed in every output folder
 
 
-def output_folders(params: Params, root: Path) -> list[tuple[str, Path]]:
+def output_folders(params: Params, root: Path, files: StageFiles) -> list[tuple[str, Path]]:
     """(what, folder) of everything the sweep writes on this machine."""
-    folders = [(f"{RESULTS_CSV.parent}/ ({RESULTS_CSV.as_posix()}, {CHECKPOINT_DIR.as_posix()})",
-                root / RESULTS_CSV.parent),
-               (f"{ARTIFACT_DIR}/ (MLflow artifacts)", root / ARTIFACT_DIR)]
+    outputs: dict[Path, list[str]] = {}     # folder -> the outputs in it
+    for path in (files.sweep_csv, files.checkpoints):
+        outputs.setdefault(path.parent, []).append(path.as_posix())
+    folders = [(f"{parent.as_posix()}/ ({', '.join(names)})", root / parent)
+               for parent, names in outputs.items()]
+    folders.append((f"{ARTIFACT_DIR}/ (MLflow artifacts)", root / ARTIFACT_DIR))
     if "://" not in params.sweep.storage_path:
         folders.append(("sweep.storage_path", Path(storage_uri(params, root))))
     uri = resolve_tracking_uri(params.tracking.uri, root)
@@ -88,10 +92,10 @@ def output_folders(params: Params, root: Path) -> list[tuple[str, Path]]:
     return folders
 
 
-def check_outputs(params: Params, root: Path) -> None:
+def check_outputs(params: Params, root: Path, files: StageFiles) -> None:
     """Every output folder takes a file of PROBE_BYTES now (read-only, full, or a file where
     the folder should be), instead of an OSError after every trial trained."""
-    for what, folder in output_folders(params, root):
+    for what, folder in output_folders(params, root, files):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)

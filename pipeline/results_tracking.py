@@ -33,7 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import PARAMS_FILE, ParamsError, load_params
+from pipeline.cli import EXIT_FAILED, EXIT_OK, entry_point, error
+from pipeline.config import Params
+from pipeline.stage_files import DEFAULT_FILES, WRITES, StageFiles, stage_file_names
 from pipeline.trials import TrialStatus
 
 # evaluation.csv column -> final metric of the child run; prefixed so that they never mix with
@@ -43,11 +45,16 @@ FINAL_METRICS = (("rate", "final_test_rate"), ("distortion", "final_test_distort
                  ("iwae_neg_log_lik", "final_test_iwae_neg_log_lik"), ("iwae_k", "iwae_k"))
 FINAL_TAGS = ("rate_kind",)
 PARENT_TAG = "mlflow.parentRunId"
-SWEEP_CSV = "results/sweep.csv"
-EVALUATION_CSV = "results/evaluation.csv"
-EVALUATE_ARTIFACTS = ("results/evaluation.csv", "results/comparison.csv", "metrics.json")
-FRONTIER_ARTIFACTS = ("results/frontier.csv", "results/rd_curves.png",
-                      "results/reconstructions.png", "results/table.md")
+PUBLISHED = ("evaluate", "frontier")      # the stages whose results go to MLflow
+
+
+def stage_artifacts(stage: str, files: StageFiles = DEFAULT_FILES) -> tuple[str, ...]:
+    """The files of `stage` that go to the sweep's parent run: all it writes."""
+    return tuple(getattr(files, name).as_posix() for name in WRITES[stage])
+
+
+EVALUATE_ARTIFACTS = stage_artifacts("evaluate")     # at their default places
+FRONTIER_ARTIFACTS = stage_artifacts("frontier")
 # A tracking server that is down: fail after seconds, not after MLflow's default 7 retries
 # with exponential backoff (minutes), unless the user set these themselves.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
@@ -166,18 +173,19 @@ def log_parent_artifacts(client, parents: list[str], files, root: Path) -> list[
     return [p.name for p in present]
 
 
-def publish(stage: str, params, root: Path | str = ".") -> bool:
-    """Log the results of `stage` ("evaluate" or "frontier") from its files under root into
+def publish(stage: str, params, root: Path | str = ".",
+            files: StageFiles = DEFAULT_FILES) -> bool:
+    """Log the results of `stage` ("evaluate" or "frontier") from its `files` under root into
     MLflow (params.tracking): the numbers as results/evaluation.csv holds them, so that MLflow
     and the files agree and a rerun finds them equal. Never raises: on any failure prints one
     warning line on stderr. True when everything was logged."""
-    if stage not in ("evaluate", "frontier"):
+    if stage not in PUBLISHED:
         raise ValueError(f"stage must be 'evaluate' or 'frontier', got {stage!r}")
     root = Path(root)
     uri = resolve_tracking_uri(params.tracking.uri, root.resolve())
     try:
         with _short_http_retries():
-            line, problem = _publish(stage, uri, root)
+            line, problem = _publish(stage, uri, root, files)
     except Exception as err:          # noqa: BLE001 -- the files are the results; see above
         line, problem = "", str(err).strip() or type(err).__name__
     if problem:
@@ -192,44 +200,37 @@ def publish(stage: str, params, root: Path | str = ".") -> bool:
     return True
 
 
-def _publish(stage: str, uri: str, root: Path) -> tuple[str, str]:
+def _publish(stage: str, uri: str, root: Path, files: StageFiles) -> tuple[str, str]:
     """(what was logged, what could not be: empty when everything was)."""
-    sweep = pd.read_csv(root / SWEEP_CSV)
+    sweep = pd.read_csv(root / files.sweep_csv)
     client = _client(uri)
     parents = parent_runs(client, sweep)
     if not parents:
-        raise TrackingUnavailable(f"none of the child runs named in {SWEEP_CSV} (column "
+        raise TrackingUnavailable(f"none of the child runs named in {files.sweep_csv} (column "
                                   f"mlflow_run_id) is in this store")
     done, problem = "", ""
     if stage == "evaluate":
-        evaluation = pd.read_csv(root / EVALUATION_CSV)
+        evaluation = pd.read_csv(root / files.evaluation_csv)
         logged, missing = log_final_metrics(client, evaluation, sweep)
         done = f"final test metrics of {logged} trials -> their child runs; "
         if missing:
             problem = f"{missing} evaluated trial(s) have no child run in this store"
-    names = log_parent_artifacts(client, parents, EVALUATE_ARTIFACTS if stage == "evaluate"
-                                 else FRONTIER_ARTIFACTS, root)
+    names = log_parent_artifacts(client, parents, stage_artifacts(stage, files), root)
     return f"MLflow: {done}{', '.join(names)} -> parent run {', '.join(parents)} ({uri})", problem
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Log the evaluate and frontier results already on disk (after the store was down)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.results_tracking",
-                                     description=main.__doc__)
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for stage, needed in (("evaluate", EVALUATION_CSV), ("frontier", FRONTIER_ARTIFACTS[0])):
-        for path in (SWEEP_CSV, needed):
-            if not Path(path).is_file():
-                print(f"error: {path}: not found; run `dvc repro {stage}` first", file=sys.stderr)
-                return 1
-    ok = all([publish("evaluate", params), publish("frontier", params)])
-    return 0 if ok else 1
+MAIN_DOC = "Log the evaluate and frontier results already on disk (after the store was down)."
+
+
+@entry_point("python -m pipeline.results_tracking", MAIN_DOC,
+             files=stage_file_names(*PUBLISHED))
+def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
+    for stage, needed in (("evaluate", files.evaluation_csv), ("frontier", files.frontier_csv)):
+        for path in (files.sweep_csv, needed):
+            if not path.is_file():
+                return error(f"{path}: not found; run `dvc repro {stage}` first")
+    ok = all([publish(stage, params, files=files) for stage in PUBLISHED])
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, s
                                  stored_uid)
 from pipeline.results_tracking import resolve_tracking_uri
 from pipeline.search import GridOptunaSearch, GridPointASHA, search_space
+from pipeline.stage_files import DEFAULT_FILES, StageFiles
 from pipeline.sweep_errors import SweepError, SweepFailed, SweepInterrupted  # noqa: F401
 from pipeline.tracking import SweepTracker, store_unreachable
 from pipeline.trainable import train_trial, trial_base
-from pipeline.trials import (ARTIFACT_DIR, CHECKPOINT_DIR, CSV_COLUMNS, MODEL_FILE, RESULTS_CSV,
-                             TrialStatus, csv_row, grid_points, member_folder, member_result,
-                             trial_checkpoint, trial_error_text, trial_members)
+from pipeline.trials import (ARTIFACT_DIR, CSV_COLUMNS, MODEL_FILE, TrialStatus, csv_row,
+                             grid_points, member_folder, member_result, trial_checkpoint,
+                             trial_error_text, trial_members)
 
 
 def connect_ray(num_cpus: int | None = None) -> bool:
@@ -68,13 +69,13 @@ class _EndedTrials(tune.Callback):
 
 
 
-def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
-              verbose: int = 1):
-    """Run (or resume) the sweep; write results/sweep.csv and results/checkpoints/<trial>.pt
-    under `root`, and return the table (a pandas DataFrame). Raises SweepInterrupted if
-    trials remain unfinished."""
+def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEFAULT_FILES,
+              callbacks: tuple = (), verbose: int = 1):
+    """Run (or resume) the sweep; write `files.sweep_csv` (results/sweep.csv) and
+    `files.checkpoints`/<trial>.pt under `root`, and return the table (a pandas DataFrame).
+    Raises SweepInterrupted if trials remain unfinished."""
     root = Path(root).resolve()
-    check_inputs(params, root)
+    check_inputs(params, root, files)
     sweep = params.sweep
     storage = storage_uri(params, root)
     experiment = f"{storage}/{sweep.name}"
@@ -98,8 +99,8 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
                 # The params changed and the old experiment was archived: its runs still open
                 # (a killed or interrupted driver) will never be resumed; close them.
                 tracker.close_sweep(previous)
-            return _fit_and_collect(params, root, experiment, storage, resumable, tracker,
-                                    callbacks, verbose)
+            return _fit_and_collect(params, root, files, experiment, storage, resumable,
+                                    tracker, callbacks, verbose)
         except Exception as err:
             if isinstance(err, SweepError) or not store_unreachable(err):
                 raise
@@ -113,8 +114,8 @@ def run_sweep(params: Params, root: Path | str = ".", *, callbacks: tuple = (),
                 ray.shutdown()
 
 
-def _fit_and_collect(params: Params, root: Path, experiment: str, storage: str, resumable: bool,
-                     tracker, callbacks: tuple, verbose: int):
+def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: str, storage: str,
+                     resumable: bool, tracker, callbacks: tuple, verbose: int):
     sweep = params.sweep
     statuses = _EndedTrials()
     all_callbacks = [tracker, statuses, *callbacks]
@@ -165,14 +166,15 @@ def _fit_and_collect(params: Params, root: Path, experiment: str, storage: str, 
         raise SweepFailed(
             f"sweep {sweep.name!r}: no trial completed "
             f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}"
-            f"{f'; first error: {first}' if first else ''}); nothing written to {RESULTS_CSV}; "
+            f"{f'; first error: {first}' if first else ''}); nothing written to {files.sweep_csv}; "
             f"fix the cause and run the stage again (failed trials are retried, changed params "
             f"start a new sweep)")
     try:
-        table = collect_results(statuses.trials, tracker, root)
+        table = collect_results(statuses.trials, tracker, root, files)
     except OSError as err:
         tracker.finish_sweep("FAILED")
-        raise SweepError(f"cannot write the sweep's results under {root / 'results'} "
+        folder = (root / files.sweep_csv).parent
+        raise SweepError(f"cannot write the sweep's results under {folder} "
                          f"({err.strerror or err}); make room or make it writable and run the "
                          f"stage again: the trained trials are kept and are not retrained") from None
     tracker.finish_sweep("FINISHED")
@@ -265,12 +267,12 @@ def _trial_id(trial) -> str:
     return trial.config["trial_id"]
 
 
-def collect_results(trials, tracker, root: Path):
+def collect_results(trials, tracker, root: Path, files: StageFiles = DEFAULT_FILES):
     """One row per trial (Tune's `Trial`s; per beta for packed trials); completed trials' final
-    checkpoints copied to results/checkpoints."""
+    checkpoints copied to `files.checkpoints`, the table written to `files.sweep_csv`."""
     import pandas as pd
     # staged beside its target, so that swapping it into place is one rename
-    target = root / CHECKPOINT_DIR
+    target = root / files.checkpoints
     staging = Path(tempfile.mkdtemp(prefix=".checkpoints-", dir=_ensure(target.parent)))
     rows = []
     try:
@@ -285,7 +287,8 @@ def collect_results(trials, tracker, root: Path):
                                         trial_checkpoint(config["trial_id"], staging))
             for config in members:
                 metrics = member_result(trial.last_result or {}, config)
-                checkpoint = trial_checkpoint(config["trial_id"]).as_posix() if copied else ""
+                checkpoint = trial_checkpoint(config["trial_id"], files.checkpoints).as_posix() \
+                    if copied else ""
                 # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
                 tracker.finish_trial(config, status, error,
                                      trial.checkpoint if status == TrialStatus.COMPLETED else None,
@@ -298,7 +301,9 @@ def collect_results(trials, tracker, root: Path):
         _replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    atomic_write(root / RESULTS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    out = root / files.sweep_csv
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
     return table
 
 

@@ -31,14 +31,10 @@ REPORTED_METRICS = (*EPOCH_METRICS, "train_loss", "test_loss")
 
 # The files of a trial's final Tune checkpoint (per member folder for a packed trial), also its
 # MLflow child run's artifacts. The model file is echo's checkpoint dict (`echo.train.
-# save_checkpoint`); in the stage's outputs it is `trial_checkpoint(trial_id)`.
+# save_checkpoint`); among the stage's outputs it is `trial_checkpoint(trial_id, folder)`.
 MODEL_FILE = "model.pt"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
-
-# The sweep stage's outputs, relative to the project root (its DVC outs).
-RESULTS_CSV = Path("results/sweep.csv")
-CHECKPOINT_DIR = Path("results/checkpoints")
-ARTIFACT_DIR = Path("mlartifacts")          # the MLflow experiment's artifact root (not an out)
+ARTIFACT_DIR = Path("mlartifacts")     # the MLflow experiment's artifact root (state, not an out)
 # A trial's settings: the first columns of results/sweep.csv and of results/evaluation.csv.
 SETTING_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
                    "clip_factor")
@@ -46,8 +42,8 @@ CSV_COLUMNS = [*SETTING_COLUMNS, "status", "error", "epochs_done", "checkpoint",
                *EPOCH_METRICS]
 
 
-def trial_checkpoint(trial_id: str, folder: Path = CHECKPOINT_DIR) -> Path:
-    """Where a completed trial's model file goes among the stage's outputs."""
+def trial_checkpoint(trial_id: str, folder: Path) -> Path:
+    """Where a completed trial's model file goes in the stage's checkpoints folder."""
     return folder / f"{trial_id}.pt"
 
 

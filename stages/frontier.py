@@ -1,6 +1,8 @@
 """DVC stage `frontier`: results/evaluation.csv -> per-method R-D frontiers and figures.
 
-    python -m stages.frontier [--params params.yaml]
+    python -m stages.frontier [--params params.yaml] [--sweep-csv PATH] [--evaluation-csv PATH]
+        [--comparison-csv PATH] [--frontier-csv PATH] [--rd-curves-png PATH]
+        [--reconstructions-png PATH] [--table-md PATH]
 
 Writes results/frontier.csv (Pareto-optimal seed-mean points per method with their standard
 errors, flagged on the lower convex hull), results/rd_curves.png, results/reconstructions.png
@@ -18,63 +20,47 @@ import sys
 import pandas as pd
 
 from echo.data import DataError, load_prepared
+from pipeline.cli import EXIT_OK, entry_point, error
 from pipeline.comparison import comparison_lines
-from pipeline.config import PARAMS_FILE, ParamsError, load_params
+from pipeline.config import Params
 from pipeline.evaluation import EvaluationError, write_csv
 from pipeline.frontier import excluded, exclusion_reason, frontier_table
 from pipeline.plots import rd_curves, reconstructions
 from pipeline.report import report, write_report
 from pipeline.results_tracking import publish
-
-EVALUATION_CSV = "results/evaluation.csv"
-COMPARISON_CSV = "results/comparison.csv"
-FRONTIER_CSV = "results/frontier.csv"
-RD_CURVES_PNG = "results/rd_curves.png"
-RECONSTRUCTIONS_PNG = "results/reconstructions.png"
-TABLE_MD = "results/table.md"
+from pipeline.stage_files import StageFiles, stage_file_names
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.frontier",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
+@entry_point("python -m stages.frontier", __doc__, files=stage_file_names("frontier"))
+def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
     try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        evaluation = pd.read_csv(EVALUATION_CSV)
-        comparison = pd.read_csv(COMPARISON_CSV)
+        evaluation = pd.read_csv(files.evaluation_csv)
+        comparison = pd.read_csv(files.comparison_csv)
     except FileNotFoundError as err:
-        print(f"error: {err.filename}: not found; run `dvc repro evaluate` first",
-              file=sys.stderr)
-        return 1
+        return error(f"{err.filename}: not found; run `dvc repro evaluate` first")
     for _, row in excluded(evaluation).iterrows():
         print(f"excluded {row['trial_id']} ({row['status']}): {exclusion_reason(row)}",
               file=sys.stderr)
     frontier = frontier_table(evaluation)
-    write_csv(frontier, FRONTIER_CSV)
+    write_csv(frontier, files.frontier_csv)
     dataset = params.data.dataset
-    rd_curves(evaluation, frontier, RD_CURVES_PNG,
+    rd_curves(evaluation, frontier, files.rd_curves_png,
               title=f"{dataset}: rate-distortion on the test set; dotted: R + D = const")
     try:
         x_test = load_prepared(params.data.prepared_path, "test")[0]
-        reconstructions(frontier, x_test, RECONSTRUCTIONS_PNG,
+        reconstructions(frontier, x_test, files.reconstructions_png,
                         samples=params.frontier.recon_samples, device="cpu")
     except (DataError, EvaluationError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    write_report(report(evaluation, frontier, comparison, dataset), TABLE_MD)
+        return error(str(err))
+    write_report(report(evaluation, frontier, comparison, dataset), files.table_md)
     print(f"{len(frontier)} frontier points of {frontier['series'].nunique()} methods "
-          f"({len(excluded(evaluation))} trials excluded) -> {FRONTIER_CSV}, {RD_CURVES_PNG}, "
-          f"{RECONSTRUCTIONS_PNG}, {TABLE_MD}")
+          f"({len(excluded(evaluation))} trials excluded) -> {files.frontier_csv}, "
+          f"{files.rd_curves_png}, {files.reconstructions_png}, {files.table_md}")
     for line in comparison_lines(comparison):
         print(line.replace("**", ""))
     # The view in MLflow, after the files: a store it cannot reach is a warning, not a failure.
-    publish("frontier", params)
-    return 0
+    publish("frontier", params, files=files)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """DVC stage `sweep`: train the grid of params.yaml on Ray Tune -> results/sweep.csv and
 results/checkpoints/<trial_id>.pt, tracked in MLflow.
 
-    python -m stages.sweep [--params params.yaml]
+    python -m stages.sweep [--params params.yaml] [--sweep-csv PATH] [--checkpoints PATH]
 
 Runs on this machine, or on the Ray cluster at $RAY_ADDRESS. Running it again after an
 interruption resumes the sweep (finished trials are kept). Exit status 0 when every trial has
@@ -16,31 +16,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import PARAMS_FILE, ParamsError, load_params
+from pipeline.cli import EXIT_OK, entry_point, error
+from pipeline.config import Params
+from pipeline.stage_files import StageFiles, stage_file_names
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.sweep",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+def progress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                         help="Ray Tune progress output (0 silent, 1 status table, 2 every result)")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+
+@entry_point("python -m stages.sweep", __doc__, files=stage_file_names("sweep"),
+             options=progress_option)
+def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
     from pipeline.sweep import SweepError, run_sweep     # Ray loads only after params are valid
     try:
-        table = run_sweep(params, Path.cwd(), verbose=args.verbose)
+        table = run_sweep(params, Path.cwd(), files=files, verbose=args.verbose)
     except SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return error(str(err))
     counts = table["status"].value_counts().to_dict()
     print(f"{len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) "
-          f"-> results/sweep.csv; MLflow: mlflow ui --backend-store-uri {params.tracking.uri}")
-    return 0
+          f"-> {files.sweep_csv}; MLflow: mlflow ui --backend-store-uri {params.tracking.uri}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ def tracked_rows(root, csv, epochs: int) -> list:
 def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
     # Optuna picks lr (every trial) and the clipping factor (Echo trials) inside the ranges.
     # checkpoint_every=1, but at most one checkpoint an hour: only the final one is written.
-    params = tiny_params("grid", search={"lr": {"low": 1e-3, "high": 1e-2},
-                                         "clip_factor": {"low": 0.4, "high": 0.7}},
+    params = tiny_params("grid", search={"lr": {"low": 1e-3, "high": 1e-2}, "method_options": {
+                                             "echo": {"clip_factor": {"low": 0.4, "high": 0.7}}}},
                          checkpoint_min_interval_s=3600)
     table = run_sweep(params, tmp_path, verbose=0)
     trial_dirs = list((tmp_path / "ray_results" / "grid").glob("*_mlp_z4"))
@@ -157,7 +157,8 @@ def test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table(tmp_path):
 
 def test_grid_search_covers_every_point_with_its_own_optuna_study(tmp_path):
     params = tiny_params("search", search={"num_samples": 3, "lr": {"low": 1e-4, "high": 1e-2},
-                                           "clip_factor": {"low": 0.4, "high": 0.7}})
+                                           "method_options": {"echo": {
+                                               "clip_factor": {"low": 0.4, "high": 0.7}}}})
     searcher = tune_config(params, tmp_path).search_alg
     configs = []
     for i in range(6):
@@ -346,7 +347,8 @@ def test_packed_betas_change_the_fingerprint_and_refuse_asha():
 @pytest.mark.parametrize("sweep, field", [
     ("betas: [0.0, 1.0]", "sweep.betas"),
     ("methodz: [echo]", "sweep.methodz"),
-    ("search: {clip_factor: {low: 0.5, high: 0.99}}", "sweep.search.clip_factor.high"),
+    ("search: {method_options: {echo: {clip_factor: {low: 0.5, high: 0.99}}}}",
+     "sweep.search.method_options.echo.clip_factor.high"),
     ("search: {metric: test_elbo}", "sweep.search.metric"),
     ("betas: [1.0, 1.0]", "sweep.betas"),
     ("pack_betas: true\n  asha: true", "sweep.pack_betas and sweep.asha"),
@@ -392,3 +394,20 @@ def test_pipeline_modules_import_no_cycle():
     assert graph["tracking"] and graph["sweep"]          # the walk found the sweep's imports
     cycles = sorted(name for name in graph if reaches(name, name, {name}))
     assert cycles == [], f"pipeline modules in an import cycle: {cycles}"
+
+
+def test_the_sweep_writes_its_table_and_models_where_it_is_told(tmp_path):
+    """`--sweep-csv` / `--checkpoints` (dvc.yaml's cmd) move both outputs; the table's
+    checkpoint column names the models where they are."""
+    from dataclasses import replace
+
+    from pipeline.stage_files import DEFAULT_FILES
+    files = replace(DEFAULT_FILES, sweep_csv=Path("out/table.csv"), checkpoints=Path("models"))
+    params = tiny_params("moved", methods=["vae"], betas=[1.0], train={"epochs": 1})
+    table = run_sweep(params, tmp_path, files=files, verbose=0)
+    assert list(table["status"]) == ["completed"]
+    csv = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(csv["checkpoint"]) == ["models/vae_b1_mlp_z4.pt"]
+    load_model(tmp_path / csv["checkpoint"][0])
+    assert not (tmp_path / "results").exists()
+
