@@ -6,20 +6,22 @@ allowed range in the message.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from echo import METHODS
-from echo.noise import check_echo_truncation   # the rule python -m echo.train uses too
 from echo.data import DATASETS
+from echo.device import DEVICE_TYPES
+from echo.methods import check_method_options, method_options, tunable_options
+from echo.settings import TrainConfig, default_of, sweep_wide_settings
 
 PARAMS_FILE = "params.yaml"
-MAX_EPOCHS = 1_000_000
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 # sweep.name is a folder name (<storage_path>/<name>) and MLflow run name: one path component
 # of letters, digits and . _ - (no "/", "..", "@": <name>@<uid> is an archived sweep).
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -66,20 +68,11 @@ class DataParams(Strict):
         return Path(self.prepared_dir) / f"{self.dataset}.npz"
 
 
-class TrainParams(Strict):
-    # At most a million: a typo such as 1e20 would otherwise pass and fail only after start-up.
-    epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(100, ge=2)
-    lr: float = Field(3e-4, gt=0, le=1)
-    lr_decay_start: float = Field(0.5, ge=0, le=1)
-    # beta rises linearly from 0 over these steps (docs/methods.md); None: echo.train's default
-    beta_warmup_steps: int | None = Field(None, ge=0)
-    device: str = "auto"
-    d_max: int | None = Field(None, ge=1)   # Echo terms; None: batch_size - 1
-    replace: bool = False                   # Echo noise drawn with replacement
-    cuda_graph: bool = True                 # replay each step as one CUDA graph (GPU trials)
+class TrainSettings(Strict):
+    """The checks of `train:` beyond each field's bounds; the fields themselves are added by
+    `TrainParams` below from echo.settings.TrainConfig (one definition, one default)."""
 
-    @field_validator("device")
+    @field_validator("device", check_fields=False)
     @classmethod
     def torch_device(cls, v: str) -> str:
         # Only the spelling here: whether this machine has the device is checked where the
@@ -95,13 +88,31 @@ class TrainParams(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def seed_moved(cls, data):
-        # The seed became a sweep dimension (sweep.seeds); say so instead of "extra field".
-        if isinstance(data, dict) and "seed" in data:
-            raise ValueError(f"train.seed moved to sweep.seeds, a list of seeds (each grid point "
-                             f"is trained once per seed): write `sweep: {{seeds: "
-                             f"[{data['seed']}]}}` instead")
+    def moved_keys(cls, data):
+        # Say where a setting went instead of "extra field".
+        if isinstance(data, dict):
+            if "seed" in data:
+                raise ValueError(f"train.seed moved to sweep.seeds, a list of seeds (each grid "
+                                 f"point is trained once per seed): write `sweep: {{seeds: "
+                                 f"[{data['seed']}]}}` instead")
+            for key in ("d_max", "replace"):
+                if key in data:
+                    raise ValueError(f"train.{key} is an option of the echo method now: write "
+                                     f"`method_options: {{echo: {{{key}: {data[key]!r}}}}}`")
         return data
+
+
+def _train_field(f):
+    meta = f.metadata
+    bounds = {k: meta[k] for k in ("ge", "gt", "le") if meta.get(k) is not None}
+    return (typing.get_type_hints(TrainConfig)[f.name],
+            Field(default_of(f), description=meta["help"], **bounds))
+
+
+# params.yaml's train: section: the TrainConfig fields marked sweep-wide, with their defaults
+# and bounds (echo/settings.py). A trial's TrainConfig is these plus its grid point.
+TrainParams = create_model("TrainParams", __base__=TrainSettings,
+                           **{f.name: _train_field(f) for f in sweep_wide_settings()})
 
 
 class Range(Strict):
@@ -116,11 +127,38 @@ class Range(Strict):
 
 
 class SearchParams(Strict):
-    """Optuna (through Ray Tune) tunes these per grid point; None keeps train.lr / the solved r."""
+    """Optuna (through Ray Tune) tunes these per grid point; without a range train.lr and the
+    method's option (method_options, else its default) are used."""
     num_samples: int = Field(1, ge=1)
-    lr: Range | None = None
-    clip_factor: Range | None = None
+    lr: Range | None = None                # log-uniform, every method
+    # Uniform ranges of a method's tunable options (echo.methods.tunable_options), e.g.
+    # {echo: {clip_factor: {low: 0.5, high: 0.9}}}.
+    method_options: dict[str, dict[str, Range]] = {}
     metric: str = "test_neg_elbo"         # minimised; test_loss = test D + beta * test R
+
+    @model_validator(mode="before")
+    @classmethod
+    def clip_factor_moved(cls, data):
+        if isinstance(data, dict) and "clip_factor" in data:
+            raise ValueError("sweep.search.clip_factor moved to sweep.search.method_options."
+                             "echo.clip_factor (each method's tunable options under its name)")
+        return data
+
+    @field_validator("method_options")
+    @classmethod
+    def tunable(cls, v: dict) -> dict:
+        for method, ranges in v.items():
+            known_method(method)
+            allowed = tunable_options(method)
+            bad = sorted(set(ranges) - set(allowed))
+            if bad:
+                raise ValueError(f"{method}: {bad} cannot be searched; its tunable options are "
+                                 f"{list(allowed)}")
+        return v
+
+    @property
+    def searched(self) -> bool:
+        return self.lr is not None or any(self.method_options.values())
 
     @field_validator("metric")
     @classmethod
@@ -204,18 +242,18 @@ class SweepParams(Strict):
         # Repeated samples without a search range would be identical trials; replicates are
         # what sweep.seeds is for.
         search = self.search
-        if search.num_samples > 1 and search.lr is None and search.clip_factor is None:
+        if search.num_samples > 1 and not search.searched:
             raise ValueError(f"sweep.search.num_samples={search.num_samples} without a search "
-                             f"range (search.lr or search.clip_factor) repeats identical trials; "
+                             f"range (search.lr or search.method_options) repeats identical "
+                             f"trials; "
                              f"for replicates list seeds in sweep.seeds instead")
         return self
 
     @field_validator("methods")
     @classmethod
     def known_methods(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        for method in v:
+            known_method(method)
         if not v:
             raise ValueError("at least one method is needed")
         return v
@@ -270,23 +308,96 @@ class FrontierParams(Strict):
     recon_samples: int = Field(10, ge=1)     # encoder samples averaged per reconstruction
 
 
+def known_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    return method
+
+
+def check_option_values(method: str, options: dict) -> dict:
+    """An option's YAML value must be of its default's kind: a number where the default is a
+    number (not a string or a boolean), a boolean where it is a boolean."""
+    defaults = method_options(method)
+    for name, value in options.items():
+        default = defaults.get(name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{method}.{name} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and \
+                (isinstance(value, (bool, str))):
+            raise ValueError(f"{method}.{name} must be a number, got {value!r}")
+    return options
+
+
+def checked_options(v: dict, prefix: str) -> dict:
+    """{method: options} with known methods, options their builders take, values of the right
+    kind; errors name `<prefix>.<method>.<option>`."""
+    for method, options in v.items():
+        known_method(method)
+        check_method_options(method, options or {},
+                             names={o: f"{prefix}.{method}.{o}" for o in options or {}})
+        check_option_values(method, options or {})
+    return {method: dict(options or {}) for method, options in v.items()}
+
+
 class Params(Strict):
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
+    # Per-method options (echo.method_options(method)), e.g. {vae-vamp: {n_pseudo: 500},
+    # echo: {d_max: 50}}; a method not listed uses its builder's defaults.
+    method_options: dict[str, dict] = {}
+    # Options that apply only when data.dataset is the named data set, over method_options
+    # (e.g. the paper's VampPrior has 500 pseudo-inputs on Omniglot, 250 on the MNIST sets).
+    dataset_method_options: dict[str, dict[str, dict]] = {}
     sweep: SweepParams = SweepParams()
     tracking: TrackingParams = TrackingParams()
     evaluate: EvaluateParams = EvaluateParams()
     frontier: FrontierParams = FrontierParams()
 
+    @field_validator("method_options")
+    @classmethod
+    def known_options(cls, v: dict) -> dict:
+        return checked_options(v, "method_options")
+
+    @field_validator("dataset_method_options")
+    @classmethod
+    def known_dataset_options(cls, v: dict) -> dict:
+        for dataset in v:
+            if dataset not in DATASETS:
+                raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+        return {dataset: checked_options(per_method or {}, f"dataset_method_options.{dataset}")
+                for dataset, per_method in v.items()}
+
+    def options_of(self, method: str) -> dict:
+        """The options params.yaml gives `method` for this data set (its builder's defaults for
+        the rest): method_options, then dataset_method_options of data.dataset."""
+        for_dataset = self.dataset_method_options.get(self.data.dataset, {})
+        return {**self.method_options.get(method, {}), **for_dataset.get(method, {})}
+
+    @property
+    def options(self) -> dict[str, dict]:
+        """Every method's options as the trials use them (`options_of`), methods with none left
+        out."""
+        methods = set(self.method_options) | set(
+            self.dataset_method_options.get(self.data.dataset, {}))
+        return {m: self.options_of(m) for m in sorted(methods) if self.options_of(m)}
+
     @model_validator(mode="after")
-    def echo_sum_is_exact(self):
-        """Echo's truncated sum must stay below float precision: d_max < batch size without
-        replacement, and the clipping factor at most the solved r for that d_max."""
-        clip = self.sweep.search.clip_factor
-        check_echo_truncation(self.train.batch_size, self.train.d_max, self.train.replace,
-                              clip.high if clip is not None else None,
-                              names={"d_max": "train.d_max", "batch_size": "train.batch_size",
-                                     "clip_factor": "sweep.search.clip_factor.high"})
+    def method_rules(self):
+        """Each method's own rules on its options (e.g. Echo's truncated sum must stay below
+        float precision: d_max < batch size without replacement, and the clipping factor at
+        most the solved r for that d_max), at both ends of every search range."""
+        ranges = self.sweep.search.method_options
+        for method in sorted(set(self.sweep.methods) | set(self.options) | set(ranges)):
+            names = {**{o: f"method_options.{method}.{o}" for o in method_options(method)},
+                     "batch_size": "train.batch_size"}
+            searched = ranges.get(method, {})
+            for end in ("low", "high"):
+                values = {o: getattr(r, end) for o, r in searched.items()}
+                check_method_options(method, {**self.options_of(method), **values},
+                                     training=self.train,
+                                     names={**names, **{o: f"sweep.search.method_options."
+                                                           f"{method}.{o}.{end}"
+                                                        for o in searched}})
         return self
 
 

@@ -39,8 +39,10 @@ def fingerprint(params: Params, root: Path | None = None) -> dict:
     # before the option existed keep their fingerprint and still resume.
     if params.sweep.pack_betas:
         sweep["pack_betas"] = True
+    # device / cuda_graph change where and how fast a trial trains, not what it trains.
     return {"data": {**data, "prepared_sha256": data_sha256},
             "train": params.train.model_dump(exclude={"device", "cuda_graph"}),
+            "method_options": params.options,
             "sweep": sweep}
 
 

@@ -3,7 +3,7 @@ point for its lr / clip factor) and `GridPointASHA` (early stopping within a gri
 
 Ray Tune cannot combine `grid_search` with a searcher, so `GridOptunaSearch` owns the grid: it
 hands out every grid point `search.num_samples` times and asks a separate Optuna study
-(`OptunaSearch`, TPE) per grid point for lr / clip_factor. The full grid is always covered, and
+(`OptunaSearch`, TPE) per grid point for lr and the methods' tunable options. The full grid is always covered, and
 each study learns from the trials of its own (method, beta, ...) only (docs/sweep.md).
 
 Tune pickles both with the experiment (`Tuner.restore` unpickles them): pipeline.sweep
@@ -20,17 +20,18 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
 from pipeline.config import Params
-from pipeline.trials import TrialStatus, trial_name
+from pipeline.trials import TrialStatus, method_trial_options, trial_name
 
 
 def search_space(params: Params, method: str) -> dict:
-    """Optuna's space at one grid point: lr log-uniform, clip_factor uniform (Echo only)."""
+    """Optuna's space at one grid point: lr log-uniform (every method), and uniform the
+    method's tunable options that sweep.search.method_options gives a range."""
     search = params.sweep.search
     space = {}
     if search.lr is not None:
         space["lr"] = tune.loguniform(search.lr.low, search.lr.high)
-    if search.clip_factor is not None and method == "echo":
-        space["clip_factor"] = tune.uniform(search.clip_factor.low, search.clip_factor.high)
+    for option, bounds in search.method_options.get(method, {}).items():
+        space[option] = tune.uniform(bounds.low, bounds.high)
     return space
 
 
@@ -49,7 +50,7 @@ class PickledState:
 
 class GridOptunaSearch(PickledState, Searcher):
     """Every grid point `num_samples` times, sample-major (all points' sample 0 first, so each
-    study has feedback before its next ask); lr / clip_factor from one Optuna study per point
+    study has feedback before its next ask); lr / tunable options from one Optuna study per point
     where a search range is given, else the defaults in `base`."""
 
     def __init__(self, points: list[dict], spaces: list[dict], base: dict, num_samples: int,
@@ -79,9 +80,8 @@ class GridOptunaSearch(PickledState, Searcher):
         searched = study.suggest(trial_id) if study is not None else {}
         self.assigned[trial_id] = index
         config = {**self.base, **point, **searched, "sample": sample,
-                  "trial_id": trial_name(point, sample, self.num_samples)}
-        if point["method"] != "echo":
-            config["clip_factor"] = None
+                  "trial_id": trial_name(point, sample, self.num_samples),
+                  **method_trial_options(self.base, point["method"], searched)}
         if "betas" in point:        # packed: the ids of its per-beta trials (`trial_members`)
             config["member_ids"] = [trial_name({**point, "beta": b}, sample, self.num_samples)
                                     for b in point["betas"]]

@@ -34,7 +34,7 @@ from pipeline.sweep_errors import SweepError, SweepFailed, SweepInterrupted  # n
 from pipeline.tracking import SweepTracker, store_unreachable
 from pipeline.trainable import train_trial, trial_base
 from pipeline.trials import (ARTIFACT_DIR, CSV_COLUMNS, MODEL_FILE, TrialStatus, csv_row,
-                             grid_points, member_folder, member_result, trial_checkpoint,
+                             grid_points, member_folder, member_outcome, member_result, trial_checkpoint,
                              trial_error_text, trial_members)
 
 
@@ -277,16 +277,19 @@ def collect_results(trials, tracker, root: Path, files: StageFiles = DEFAULT_FIL
     rows = []
     try:
         for trial in trials:
-            status, error = trial_outcome(trial)
             members = trial_members(trial.config)
-            copied = status == TrialStatus.COMPLETED and trial.checkpoint is not None
-            if copied:     # one download of the trial's checkpoint for all its members
+            results = [member_result(trial.last_result or {}, config) for config in members]
+            outcomes = [member_outcome(*trial_outcome(trial), metrics) for metrics in results]
+            completed = [status == TrialStatus.COMPLETED and trial.checkpoint is not None
+                         for status, _ in outcomes]
+            if any(completed):     # one download of the trial's checkpoint for all its members
                 with trial.checkpoint.as_directory() as folder:
-                    for config in members:
-                        shutil.copyfile(Path(folder) / member_folder(config) / MODEL_FILE,
-                                        trial_checkpoint(config["trial_id"], staging))
-            for config in members:
-                metrics = member_result(trial.last_result or {}, config)
+                    for config, copy in zip(members, completed):
+                        if copy:
+                            shutil.copyfile(Path(folder) / member_folder(config) / MODEL_FILE,
+                                            trial_checkpoint(config["trial_id"], staging))
+            for config, metrics, (status, error), copied in zip(members, results, outcomes,
+                                                                 completed):
                 checkpoint = trial_checkpoint(config["trial_id"], files.checkpoints).as_posix() \
                     if copied else ""
                 # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.

@@ -28,10 +28,12 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pipeline.results_tracking import PARENT_TAG
-from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, TrialStatus,
-                             member_folder, member_result, trial_error_text, trial_members)
+from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, OPTION_COLUMNS, RECONSTRUCTIONS_FILE,
+                             TrialStatus,
+                             member_folder, member_outcome, member_result, trial_error_text,
+                             trial_members)
 
-TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "seed", "lr", "clip_factor",
+TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "seed", "lr", *OPTION_COLUMNS,
                 "epochs", "batch_size")
 SWEEP_UID_TAG = "echo.sweep_uid"
 ROLE_TAG = "echo.role"
@@ -337,7 +339,9 @@ class SweepTracker(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("status") == TrialStatus.RUNNING and "epoch" in result:
-            members = [(m, member_result(result, m)) for m in trial_members(trial.config)]
+            # a packed trial's member that has stopped (non-finite loss) logs no more epochs
+            members = [(m, r) for m in trial_members(trial.config)
+                       if (r := member_result(result, m)).get("status") == TrialStatus.RUNNING]
             self._defer(lambda: [self.log_epoch(m, r) for m, r in members])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -346,9 +350,11 @@ class SweepTracker(tune.Callback):
         if status == TrialStatus.RUNNING:
             status = TrialStatus.COMPLETED
         members, checkpoint = trial_members(trial.config), trial.checkpoint
-        self._defer(lambda: [self.finish_trial(member, status, result.get("error", ""),
-                                               checkpoint, member_folder(member))
-                             for member in members])
+        outcomes = [member_outcome(status, result.get("error", ""), member_result(result, m))
+                    for m in members]
+        self._defer(lambda: [self.finish_trial(member, member_status, error, checkpoint,
+                                               member_folder(member))
+                             for member, (member_status, error) in zip(members, outcomes)])
 
     def on_trial_error(self, iteration, trials, trial, **info):
         members, error = trial_members(trial.config), trial_error_text(trial)

@@ -14,17 +14,14 @@ are not imported here.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 import pyarrow.fs
 from ray import tune
 
-from echo import clip_factor as solve_clip_factor
-from echo.checkpoint import CHECKPOINT_FILE
 from echo.train import (NonFiniteLossError, TrainConfig, fit, load_checkpoint, load_model,
                         load_train_test, save_checkpoint)
 from pipeline.config import Params
@@ -35,48 +32,31 @@ RECON_COUNT = 8                    # test images in the reconstruction grid
 
 
 def trial_base(params: Params, root: Path) -> dict:
-    """Settings shared by every trial (plain data; paths absolute for the workers)."""
+    """Settings shared by every trial (plain data; paths absolute for the workers): params.yaml's
+    train: section as it is, the data, and every method's options (the searcher picks its
+    method's, `method_trial_options`)."""
     prepared = root / params.data.prepared_path
     return {
+        **params.train.model_dump(),
         "dataset": params.data.dataset,
         "prepared": str(prepared) if prepared.exists() else None,
         "data_root": str(root / params.data.raw_dir),
-        "epochs": params.train.epochs, "batch_size": params.train.batch_size,
-        "lr": params.train.lr, "lr_decay_start": params.train.lr_decay_start,
-        "beta_warmup_steps": params.train.beta_warmup_steps,
-        "seed": params.sweep.seeds[0], "device": params.train.device,
-        "d_max": params.train.d_max, "replace": params.train.replace,
-        "clip_factor": solve_clip_factor(echo_terms(params)),
+        "seed": params.sweep.seeds[0],
+        "method_options": params.options,
         "train_limit": params.sweep.train_limit, "test_limit": params.sweep.test_limit,
         # ASHA stops trials at any epoch: checkpoint every epoch so the kept model matches
         # the trial's last metrics.
         "checkpoint_every": 1 if params.sweep.asha else params.sweep.checkpoint_every,
         "checkpoint_min_interval_s": 0 if params.sweep.asha else params.sweep.checkpoint_min_interval_s,
-        "cuda_graph": params.train.cuda_graph,
     }
 
 
-def echo_terms(params: Params) -> int:
-    """d_max, the number of terms of the truncated Echo sum (Sec. 5)."""
-    return params.train.d_max if params.train.d_max is not None else params.train.batch_size - 1
-
-
 def train_config(config: dict) -> TrainConfig:
-    """The `echo.train` settings of one per-beta trial config (`trial_base` + its grid point)."""
-    options = {}
-    if config["method"] == "echo":
-        options = {"clip_factor": config["clip_factor"], "d_max": config["d_max"],
-                   "replace": config["replace"]}
-    return TrainConfig(
-        method=config["method"], dataset=config["dataset"], data_root=config["data_root"],
-        prepared=config["prepared"], arch=config["arch"], latent_dim=config["latent_dim"],
-        beta=config["beta"], epochs=config["epochs"], batch_size=config["batch_size"],
-        lr=config["lr"], lr_decay_start=config["lr_decay_start"], seed=config["seed"],
-        **({} if config["beta_warmup_steps"] is None
-           else {"beta_warmup_steps": config["beta_warmup_steps"]}),
-        device=config["device"], train_limit=config["train_limit"],
-        test_limit=config["test_limit"], method_options=options, progress=False,
-        cuda_graph=config["cuda_graph"])
+    """The `echo.train` settings of one per-beta trial config (`trial_base` + its grid point +
+    its search): every TrainConfig field the config holds, as it holds it."""
+    names = {f.name for f in fields(TrainConfig)} - {"method_options", "progress", "out"}
+    return TrainConfig(**{name: config[name] for name in names if name in config},
+                       method_options=dict(config.get("options", {})), progress=False)
 
 
 def epoch_report(metrics: dict, beta: float) -> dict:
@@ -149,57 +129,106 @@ def train_trial(config: dict) -> None:
 
 
 def train_packed_trial(config: dict) -> None:
-    """All betas of a packed trial as one `fit_ensemble` run (same lr / clip factor / seed for
-    every member: each member is the separate run of its beta). Per epoch it reports the mean
-    over members of each metric (what the searcher sees) and member k's as `member_<k>/<name>`.
-
-    Its only Tune checkpoint is the final one, `member_<k>/model.pt` (+ reconstructions.png)
-    per member: `fit_ensemble` cannot resume, so a packed trial that Tune restarts trains from
-    epoch 0 again. A NaN/inf loss of any member ends the whole trial as nonfinite."""
+    """All betas of a packed trial as one `fit_ensemble` run (same lr / options / seed for every
+    member: each member is the separate run of its beta). Per epoch it reports the mean over
+    the members still training of each metric (what the searcher sees) and member k's as
+    `member_<k>/<name>`; Tune checkpoints hold `member_<k>/model.pt` per member (+ its
+    reconstructions.png in the final one), written as `train_trial` writes its own, and a
+    restarted trial resumes from the newest. A member whose loss turns NaN/inf stops alone: its
+    `member_<k>/status` is nonfinite with the reason, the others go on; only when every member
+    has stopped does the whole trial end as nonfinite."""
     from echo.ensemble import fit_ensemble
     cfgs = [train_config(member) for member in trial_members(config)]
-    done = {"epochs": 0}
+    folders = [member_folder({"member": k}) for k in range(len(cfgs))]
+    every, min_interval = config["checkpoint_every"], config["checkpoint_min_interval_s"]
+    given = tune.get_checkpoint()
+    checkpoint = newest_trial_checkpoint(given, folders[0])
+    resume = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = [load_checkpoint(Path(folder) / f / MODEL_FILE) for f in folders]
+    done = {"epochs": int(resume[0]["epoch"]) if resume else 0, "stopped": {}}
 
-    def report(epoch: int, metrics: list[dict]) -> dict:
-        members = [epoch_report(m, cfg.beta) for m, cfg in zip(metrics, cfgs)]
-        out = {name: sum(m[name] for m in members) / len(members) for name in REPORTED_METRICS}
+    def report(epoch: int, metrics: list[dict | None]) -> dict:
+        live = {k: epoch_report(m, cfg.beta) for k, (m, cfg) in enumerate(zip(metrics, cfgs))
+                if m is not None}
+        out = {name: sum(m[name] for m in live.values()) / len(live) for name in REPORTED_METRICS}
         out.update(status=TrialStatus.RUNNING, error="", epoch=epoch)
-        for k, m in enumerate(members):
-            prefix = member_folder({"member": k})
-            out.update({f"{prefix}/{name}": m[name] for name in REPORTED_METRICS})
+        for k, folder in enumerate(folders):
+            if k in live:
+                out.update({f"{folder}/{name}": live[k][name] for name in REPORTED_METRICS})
+            else:
+                out.update({f"{folder}/{name}": float("nan") for name in REPORTED_METRICS})
+                out.update({f"{folder}/status": TrialStatus.NONFINITE,
+                            f"{folder}/error": done["stopped"].get(k, "")})
         return out
 
-    def on_epoch(epoch: int, metrics: list[dict]) -> None:
-        done["epochs"], done["report"] = epoch, report(epoch, metrics)
-        if epoch < cfgs[0].epochs:      # the last one goes with the checkpoint, written after
-            tune.report(done["report"])
-
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            # strategy "auto": CUDA streams on a GPU (the speed-up), a loop over members on a
-            # CPU (no speed-up, but one process and one data load for all betas).
-            fit_ensemble(replace(cfgs[0], out=folder), betas=[cfg.beta for cfg in cfgs],
-                         strategy="auto", on_epoch=on_epoch)
-        except NonFiniteLossError as err:
-            tune.report(nonfinite_report(err, done["epochs"]))
+    known = _checkpoint_epoch(given, folders[0])
+    if done["epochs"] > known:
+        # Tune's snapshot lagged behind (see train_trial): replay the lost epochs' reports.
+        histories = [{m["epoch"]: m for m in r["history"]} for r in resume]
+        done["stopped"] = {k: r["stopped"] for k, r in enumerate(resume) if r.get("stopped")}
+        for epoch in range(known + 1, done["epochs"] + 1):
+            out = report(epoch, [h.get(epoch) for h in histories])
+            if epoch < done["epochs"]:
+                tune.report(out)
+                continue
+            with tempfile.TemporaryDirectory() as folder:
+                tune.report(out, checkpoint=tune.Checkpoint.from_directory(
+                    checkpoint.to_directory(folder)))
+        if done["epochs"] >= cfgs[0].epochs:
             return
-        x_test = load_train_test(cfgs[0])[1]
-        for k, cfg in enumerate(cfgs):        # fit_ensemble wrote member_<k>/CHECKPOINT_FILE
-            member = Path(folder) / member_folder({"member": k})
-            os.replace(member / CHECKPOINT_FILE, member / MODEL_FILE)
-            write_reconstructions(member / MODEL_FILE, cfg, member / RECONSTRUCTIONS_FILE,
-                                  x_test=x_test)
-        tune.report(done["report"], checkpoint=tune.Checkpoint.from_directory(folder))
+
+    saved = {"at": time.monotonic()}
+
+    def on_epoch(epoch: int, metrics: list[dict | None], state) -> None:
+        done["epochs"] = epoch
+        if epoch == cfgs[0].epochs:     # the last report goes with the final checkpoint, below
+            done["states"], done["report"] = state(), report(epoch, metrics)
+            return
+        if not (epoch % every == 0 and time.monotonic() - saved["at"] >= min_interval):
+            tune.report(report(epoch, metrics))
+            return
+        saved["at"] = time.monotonic()
+        states = state()
+        done["stopped"] = {k: s["stopped"] for k, s in enumerate(states) if s.get("stopped")}
+        with tempfile.TemporaryDirectory() as folder:
+            for name, member_state in zip(folders, states):
+                (Path(folder) / name).mkdir()
+                save_checkpoint(Path(folder) / name / MODEL_FILE, member_state)
+            tune.report(report(epoch, metrics), checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        # strategy "auto": CUDA streams on a GPU (the speed-up), a loop over members on a
+        # CPU (no speed-up, but one process and one data load for all betas).
+        results = fit_ensemble(cfgs[0], betas=[cfg.beta for cfg in cfgs], strategy="auto",
+                               on_epoch=on_epoch, resume=resume)
+    except NonFiniteLossError as err:
+        tune.report(nonfinite_report(err, done["epochs"]))
+        return
+    done["stopped"] = {k: r.stopped for k, r in enumerate(results) if r.stopped}
+    final = report(cfgs[0].epochs, [None if r.stopped else r.metrics for r in results])
+    x_test = load_train_test(cfgs[0])[1]
+    with tempfile.TemporaryDirectory() as folder:
+        for k, (name, cfg, member_state) in enumerate(zip(folders, cfgs, done["states"])):
+            (Path(folder) / name).mkdir()
+            save_checkpoint(Path(folder) / name / MODEL_FILE, member_state)
+            if k not in done["stopped"]:
+                write_reconstructions(Path(folder) / name / MODEL_FILE, cfg,
+                                      Path(folder) / name / RECONSTRUCTIONS_FILE, x_test=x_test)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _checkpoint_epoch(checkpoint: tune.Checkpoint | None) -> int:
+def _checkpoint_epoch(checkpoint: tune.Checkpoint | None, folder: str = "") -> int:
+    """The epoch of a trial checkpoint (`folder`: a packed trial's member folder)."""
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as folder:
-        return int(load_checkpoint(Path(folder) / MODEL_FILE)["epoch"])
+    with checkpoint.as_directory() as local:
+        return int(load_checkpoint(Path(local) / folder / MODEL_FILE)["epoch"])
 
 
-def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | None:
+def newest_trial_checkpoint(given: tune.Checkpoint | None,
+                            member: str = "") -> tune.Checkpoint | None:
     """The newest intact checkpoint this trial persisted; `given` (Tune's) if none is newer.
 
     Tune restores a trial from the last checkpoint in its experiment snapshot, which is
@@ -227,7 +256,7 @@ def newest_trial_checkpoint(given: tune.Checkpoint | None) -> tune.Checkpoint | 
         candidate = tune.Checkpoint(f"{folder}/{name}", filesystem=fs)
         try:
             with candidate.as_directory() as local:
-                epoch = int(load_checkpoint(Path(local) / MODEL_FILE)["epoch"])
+                epoch = int(load_checkpoint(Path(local) / member / MODEL_FILE)["epoch"])
         except (ValueError, OSError, KeyError):
             continue
         if epoch > best_epoch:

@@ -1,6 +1,6 @@
 """What a sweep trial is: its name, its grid point, its per-beta members, its status, its files
 and its row of results/sweep.csv. The lowest module of the sweep: plain data and functions,
-no Ray, MLflow or torch, so that the trainables (in Ray workers), the MLflow tracker and the
+no Ray or MLflow, so that the trainables (in Ray workers), the MLflow tracker and the
 driver all take these names from here and each is defined once.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from echo.methods import METHODS, method_options, tunable_options
 from pipeline.config import Params
 
 
@@ -35,11 +36,23 @@ REPORTED_METRICS = (*EPOCH_METRICS, "train_loss", "test_loss")
 MODEL_FILE = "model.pt"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
 ARTIFACT_DIR = Path("mlartifacts")     # the MLflow experiment's artifact root (state, not an out)
+# One column per option any method lets a sweep search (e.g. Echo's clip_factor): the trial's
+# value where its method has the option and it was set or searched, else empty (the method's
+# default; results/evaluation.csv then has the value the model used).
+OPTION_COLUMNS = tuple(sorted({o for m in METHODS for o in tunable_options(m)}))
 # A trial's settings: the first columns of results/sweep.csv and of results/evaluation.csv.
 SETTING_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
-                   "clip_factor")
+                   *OPTION_COLUMNS)
 CSV_COLUMNS = [*SETTING_COLUMNS, "status", "error", "epochs_done", "checkpoint", "mlflow_run_id",
                *EPOCH_METRICS]
+
+
+def method_trial_options(base: dict, method: str, searched: dict) -> dict:
+    """A trial's method options: params.yaml's for its method, then the searched ones; and one
+    key per tunable-option column of the CSV / MLflow (None where the method lacks it)."""
+    options = {**base["method_options"].get(method, {}),
+               **{k: v for k, v in searched.items() if k in method_options(method)}}
+    return {"options": options, **{column: options.get(column) for column in OPTION_COLUMNS}}
 
 
 def trial_checkpoint(trial_id: str, folder: Path) -> Path:
@@ -94,6 +107,15 @@ def member_result(result: dict, member: dict) -> dict:
     return {**shared, **{k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}}
 
 
+def member_outcome(status: str, error: str, metrics: dict) -> tuple[str, str]:
+    """A member's own (status, error) within its trial's: a packed trial goes on when one
+    member's loss turns non-finite, and reports that member's `member_<k>/status` and `/error`
+    (`metrics` is the member's view of the result, `member_result`)."""
+    if status == TrialStatus.COMPLETED and metrics.get("status") == TrialStatus.NONFINITE:
+        return TrialStatus.NONFINITE, metrics.get("error", "")
+    return status, error
+
+
 def member_folder(member: dict) -> str:
     """Where a member's files are in its trial's checkpoint ("" for an unpacked trial)."""
     return f"member_{member['member']}" if "member" in member else ""
@@ -109,10 +131,7 @@ def trial_error_text(trial) -> str:
 
 def csv_row(config: dict, metrics: dict, status: str, error: str, checkpoint: str) -> dict:
     """One CSV row (without its MLflow run id) of one per-beta trial."""
-    return {"trial_id": config["trial_id"], "method": config["method"],
-            "dataset": config["dataset"], "arch": config["arch"],
-            "latent_dim": config["latent_dim"], "beta": config["beta"], "seed": config["seed"],
-            "lr": config["lr"],
-            "clip_factor": config["clip_factor"], "status": status, "error": error,
+    return {**{column: config.get(column) for column in SETTING_COLUMNS},
+            "status": status, "error": error,
             "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
             **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}}

@@ -21,6 +21,7 @@ import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel
 
+from conftest import snapshot
 from echo.train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoint
 from pipeline.config import Params
 
@@ -55,6 +56,8 @@ def _bad_values(annotation, metadata) -> list[tuple[str, object]]:
         values = [("wrong_type", wrong[annotation])]
     elif typing.get_origin(annotation) is list:
         values = [("wrong_type", "not-a-list")]
+    elif typing.get_origin(annotation) is dict:
+        values = [("wrong_type", "not-a-mapping")]
     else:
         raise AssertionError(f"no bad value for {annotation!r}")
     for bound in metadata:
@@ -72,7 +75,7 @@ def _case(path: tuple[str, ...], value) -> dict:
     node = raw
     for key in path[:-1]:
         node = node.setdefault(key, {})
-    if path[-2] in ("lr", "clip_factor"):               # a Range: the other bound valid
+    if path[-2:-1] == ("lr",):                          # a Range: the other bound valid
         node.update({"low": 0.1, "high": 0.5})
     node[path[-1]] = value
     return raw
@@ -87,9 +90,24 @@ FIELD_CASES = [pytest.param(".".join(path), _case(path, value),
 NAMED_CASES = {
     "negative_beta": ("sweep.betas", {"sweep": {"betas": [0.5, -1.0]}}),
     "clip_factor_breaks_truncation_bound": (
-        "sweep.search.clip_factor", {"sweep": {"search": {"clip_factor": {"low": 0.5,
-                                                                          "high": 0.95}}}}),
-    "d_max_not_below_batch": ("train.d_max", {"train": {"batch_size": 50, "d_max": 50}}),
+        "sweep.search.method_options.echo.clip_factor",
+        {"sweep": {"search": {"method_options": {"echo": {"clip_factor": {"low": 0.5,
+                                                                          "high": 0.95}}}}}}),
+    "d_max_not_below_batch": ("method_options.echo.d_max",
+                              {"train": {"batch_size": 50}, "method_options": {"echo": {"d_max": 50}}}),
+    # Per-method options (issue 15): unknown option, wrong kind, an option that cannot be
+    # searched, an unknown method, and the keys that moved there.
+    "unknown_method_option": ("method_options.vae-vamp.n_pseudos",
+                              {"method_options": {"vae-vamp": {"n_pseudos": 500}}}),
+    "method_option_wrong_kind": ("vae-vamp.n_pseudo",
+                                 {"method_options": {"vae-vamp": {"n_pseudo": "many"}}}),
+    "option_not_tunable": ("sweep.search.method_options",
+                           {"sweep": {"search": {"method_options": {
+                               "vae-vamp": {"n_pseudo": {"low": 10, "high": 20}}}}}}),
+    "options_of_unknown_method": ("method_options", {"method_options": {"vea": {"x": 1}}}),
+    "d_max_moved": ("method_options: {echo: {d_max", {"train": {"d_max": 50}}),
+    "clip_factor_moved": ("sweep.search.method_options.echo.clip_factor",
+                          {"sweep": {"search": {"clip_factor": {"low": 0.5, "high": 0.6}}}}),
     "unknown_method": ("sweep.methods", {"sweep": {"methods": ["echo", "vea"]}}),
     "unknown_dataset": ("data.dataset", {"data": {"dataset": "mnsit"}}),
     "zero_epochs": ("train.epochs", {"train": {"epochs": 0}}),
@@ -106,10 +124,6 @@ NAMED_CASES = {
 }
 
 
-def snapshot(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
 def assert_one_line_naming(stderr: str, field: str) -> None:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line, got {lines}"
@@ -118,8 +132,9 @@ def assert_one_line_naming(stderr: str, field: str) -> None:
 
 def test_every_field_has_cases():
     named = {case.values[0] for case in FIELD_CASES}
-    assert {"train.epochs", "train.lr", "sweep.betas", "data.dataset", "train.replace",
-            "sweep.search.clip_factor.high", "frontier.recon_samples"} <= named
+    assert {"train.epochs", "train.lr", "sweep.betas", "data.dataset", "train.beta_warmup_steps",
+            "sweep.search.lr.high", "method_options", "sweep.search.method_options",
+            "frontier.recon_samples"} <= named
     assert len(FIELD_CASES) > 2 * len(Params.model_fields)
 
 
@@ -174,12 +189,13 @@ def test_named_bad_params_through_the_real_cli(tmp_path):
 # The CLI of the library refuses what params.yaml refuses, with the same rule and message.
 TRAIN_CLI_CASES = {
     "clip_factor_above_the_bound": (["--option", "clip_factor=0.99"],
-                                    {"sweep": {"search": {"clip_factor": {"low": 0.5,
-                                                                          "high": 0.99}}}}),
-    "d_max_not_below_batch": (["--option", "d_max=500"], {"train": {"d_max": 500}}),
+                                    {"sweep": {"search": {"method_options": {"echo": {
+                                        "clip_factor": {"low": 0.5, "high": 0.99}}}}}}),
+    "d_max_not_below_batch": (["--option", "d_max=500"],
+                              {"method_options": {"echo": {"d_max": 500}}}),
 }
-CLI_NAMES = {"--option d_max": "train.d_max", "--batch-size": "train.batch_size",
-             "--option clip_factor": "sweep.search.clip_factor.high"}
+CLI_NAMES = {"--option d_max": "method_options.echo.d_max", "--batch-size": "train.batch_size",
+             "--option clip_factor": "sweep.search.method_options.echo.clip_factor.high"}
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CLI_CASES))

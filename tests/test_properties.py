@@ -95,6 +95,8 @@ def wrong_type(annotation, optional: bool):
         choices = [st.none(), NONSENSE, st.integers(), st.dictionaries(NONSENSE, st.integers(),
                                                                        min_size=1, max_size=2),
                    wrong_type(item, optional=False).map(lambda v: [v])]
+    elif origin is dict:       # method -> options: NONSENSE keys are no method's name
+        choices += [NONSENSE, st.integers(), st.lists(st.integers(), min_size=1, max_size=2)]
     else:  # a new kind of field: make this test fail so that it gets a strategy
         raise AssertionError(f"no wrong-type strategy for {annotation!r}")
     return st.one_of(choices)
@@ -154,7 +156,7 @@ def bad_field(draw):
     for key in path[:-1]:
         node = node.setdefault(key, {})
     # An optional nested model (Range) needs its other field valid for the error to be this one.
-    if path[-2:-1] and path[-2] in ("lr", "clip_factor"):
+    if path[-2:-1] == ("lr",):
         node.update({"low": 0.1, "high": 0.5})
     node[path[-1]] = value
     return dotted, raw
@@ -178,8 +180,9 @@ def assert_refused_naming(path: Path, field: str) -> str:
 
 def test_every_leaf_field_is_covered():
     """The walk finds the schema's fields (guards against the walk silently finding none)."""
-    for expected in ("train.epochs", "train.lr", "train.d_max", "sweep.betas", "sweep.methods",
-                     "data.dataset", "sweep.search.clip_factor.high", "evaluate.iwae_k"):
+    for expected in ("train.epochs", "train.lr", "method_options", "sweep.betas", "sweep.methods",
+                     "data.dataset", "sweep.search.method_options", "sweep.search.lr.high",
+                     "evaluate.iwae_k"):
         assert expected in LEAF_PATHS
     for _, annotation, optional, metadata in LEAVES:
         wrong_type(annotation, optional)          # raises for a field kind with no strategy
@@ -209,15 +212,17 @@ def test_echo_exactness_rule_is_exactly_the_truncation_bound(tmp_path, batch_siz
                                                              replace, high):
     """Accepted iff d_max < batch size (without replacement) and the clipping range stays at or
     below the r that solves the truncation bound M r^d_max / (1 - r) = 2^-23 (paper, Sec. 5)."""
-    raw = {"train": {"batch_size": batch_size, "d_max": d_max, "replace": replace}}
+    raw = {"train": {"batch_size": batch_size},
+           "method_options": {"echo": {"d_max": d_max, "replace": replace}}}
     if high is not None:
-        raw["sweep"] = {"search": {"clip_factor": {"low": 0.1, "high": high}}}
+        raw["sweep"] = {"search": {"method_options": {"echo": {"clip_factor": {"low": 0.1,
+                                                                               "high": high}}}}}
     terms = d_max if d_max is not None else batch_size - 1
     path = write_params(tmp_path, raw)
     if not replace and terms >= batch_size:
-        assert_refused_naming(path, "train.d_max")
+        assert_refused_naming(path, "method_options.echo.d_max")
     elif high is not None and high > clip_factor(terms):
-        assert_refused_naming(path, "sweep.search.clip_factor")
+        assert_refused_naming(path, "sweep.search.method_options.echo.clip_factor")
     else:
         params = load_params(path)
         assert params.train.batch_size == batch_size

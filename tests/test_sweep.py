@@ -325,16 +325,24 @@ def test_packed_betas_train_one_trial_per_method_and_stay_per_beta_downstream(tm
     tracked_rows(tmp_path, csv, epochs=2)
 
 
-def test_a_diverging_member_marks_its_whole_packed_trial_nonfinite(tmp_path):
-    # as in the unpacked test below: lr = 1 diverges for the VAE, not for Echo
-    run_sweep(tiny_params("packed_nan", pack_betas=True, train={"lr": 1.0}), tmp_path, verbose=0)
+def test_a_diverging_member_stops_alone_and_its_packed_trial_goes_on(tmp_path):
+    # beta = 1e39 is inf in float32: that member's loss is inf from its first step, for both
+    # methods; the beta-1 members of the same ensembles train on to the end (issue 15).
+    run_sweep(tiny_params("packed_nan", pack_betas=True, betas=[1.0, 1e39]), tmp_path, verbose=0)
     csv = pd.read_csv(tmp_path / "results/sweep.csv", keep_default_na=False)
-    vae, echo = csv[csv.method == "vae"], csv[csv.method == "echo"]
-    assert len(vae) == 2 and set(vae.status) == {"nonfinite"} and set(vae.checkpoint) == {""}
-    assert vae.error.str.contains("non-finite training loss").all()
-    assert set(echo.status) == {"completed"} and set(echo.epochs_done) == {2}
+    diverged, healthy = csv[csv.beta > 1e30], csv[csv.beta == 1.0]
+    assert len(diverged) == 2 and set(diverged.status) == {"nonfinite"}
+    assert set(diverged.checkpoint) == {""}
+    assert diverged.error.str.contains("non-finite training loss at epoch 1").all()
+    assert set(healthy.status) == {"completed"} and set(healthy.epochs_done) == {2}
+    assert all((tmp_path / path).exists() for path in healthy.checkpoint)
+    assert (healthy.test_neg_elbo.astype(float) > 0).all()
     _, _, children = mlflow_runs(tmp_path)
     assert sorted(c.data.tags["status"] for c in children) == ["completed"] * 2 + ["nonfinite"] * 2
+    # The stopped member's child run has no epochs after it stopped.
+    for c in children:
+        if c.data.tags["status"] == "nonfinite":
+            assert "test_neg_elbo" not in c.data.metrics
 
 
 def test_packed_betas_change_the_fingerprint_and_refuse_asha():
