@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .flows import PAPER_HIDDEN, PAPER_STEPS, AutoregressiveFlow
 from .noise import clip_factor as solve_clip_factor
-from .noise import echo_rate, echo_sample
+from .noise import echo_rate, echo_sample, echo_terms
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -43,7 +43,7 @@ class EchoChannel(nn.Module):
         self.log_s_head = nn.Linear(in_features, latent_dim)
         self.d_max = d_max
         self.replace = replace
-        terms = d_max if d_max is not None else batch_size - 1
+        terms = echo_terms(batch_size, d_max)
         self.clip_factor = float(clip_factor) if clip_factor is not None else solve_clip_factor(terms)
         if not 0 < self.clip_factor < 1:
             raise ValueError(f"clip_factor must lie in (0, 1), got {self.clip_factor}")

@@ -15,6 +15,12 @@ from torch import Tensor
 FLOAT32_EPS = 2.0**-23
 
 
+def echo_terms(batch_size: int, d_max: int | None = None) -> int:
+    """The number of noise terms of the truncated Echo sum (Eq. 3): `d_max`, or by default every
+    other example of the batch, batch_size - 1 (as in the paper). The one rule for it."""
+    return d_max if d_max is not None else batch_size - 1
+
+
 def clip_factor(d_max: int, max_abs_f: float = 1.0, eps: float = FLOAT32_EPS) -> float:
     """Largest r < 1 such that the Echo sum truncated after `d_max` terms is exact to `eps`.
 
@@ -98,8 +104,7 @@ def echo_noise(f: Tensor, log_s: Tensor, *, d_max: int | None = None, replace: b
     if check:
         _validate(f, log_s, d_max, replace)
     batch = f.shape[0]
-    if d_max is None:
-        d_max = batch - 1
+    d_max = echo_terms(batch, d_max)
     order = _shifted_order(_other_indices(batch, d_max, replace, f.device, generator))
     return _EchoNoise.apply(f, log_s, order)[0]
 
@@ -119,8 +124,7 @@ def echo_noise_reference(f: Tensor, log_s: Tensor, *, d_max: int | None = None,
     if check:
         _validate(f, log_s, d_max, replace)
     batch = f.shape[0]
-    if d_max is None:
-        d_max = batch - 1
+    d_max = echo_terms(batch, d_max)
     return _reference_noise(f, log_s, _other_indices(batch, d_max, replace, f.device, generator))
 
 
@@ -338,7 +342,7 @@ def check_echo_truncation(batch_size: int, d_max: int | None = None, replace: bo
                                     or not isinstance(clip_factor, (int, float))
                                     or not 0 < clip_factor < 1):
         raise ValueError(f"{name['clip_factor']} must lie in (0, 1), got {clip_factor!r}")
-    terms = d_max if d_max is not None else batch_size - 1
+    terms = echo_terms(batch_size, d_max)
     if not replace and terms >= batch_size:
         raise ValueError(f"{name['d_max']}={terms} must be < {name['batch_size']}={batch_size} "
                          f"without replacement")

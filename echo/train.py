@@ -18,18 +18,27 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import (checkpoint_dict, load_checkpoint, load_model, make_model,  # noqa: F401
+from .checkpoint import (checkpoint_dict, load_checkpoint, load_model, make_model,
                          save_checkpoint, write_run)
-from .compiling import compile_model  # noqa: F401  (re-exported: part of this module's API)
-from .device import device_problem, place_model, resolve_device, tune_backends  # noqa: F401
-from .files import atomic_write  # noqa: F401
+from .compiling import compile_model
+from .device import device_problem, place_model, resolve_device, tune_backends
+from .files import atomic_write
 from .graphs import GraphCaptureError, GraphedStep, graph_ready_adam
-from .loop import (Member, NonFiniteLossError, adam_with_schedule, beta_factor,  # noqa: F401
+from .loop import (Member, NonFiniteLossError, adam_with_schedule, beta_factor,
                    device_data, float32_beta, load_train_test, lr_factor, train_epochs)
 from .methods import Autoencoder, check_method_options, method_options
-from .metrics import (METRIC_NAMES, batches, evaluate, evaluation_step,  # noqa: F401
+from .metrics import (METRIC_NAMES, batches, evaluate, evaluation_step,
                       iwae_neg_log_likelihood, metric_sums)
-from .settings import BETA_WARMUP_STEPS, TrainConfig, add_arguments, from_arguments  # noqa: F401
+from .settings import BETA_WARMUP_STEPS, TrainConfig, add_arguments, from_arguments
+
+# The training API in one import (`from echo.train import fit, TrainConfig, load_model, ...`);
+# each name is defined in the module it is imported from above.
+__all__ = ["BETA_WARMUP_STEPS", "METRIC_NAMES", "FitResult", "GraphCaptureError",
+           "NonFiniteLossError", "TrainConfig", "atomic_write", "batches", "beta_factor",
+           "compile_model", "device_data", "device_problem", "evaluate", "evaluation_step", "fit",
+           "iwae_neg_log_likelihood", "load_checkpoint", "load_model", "load_train_test",
+           "lr_factor", "main", "make_model", "metric_sums", "place_model", "resolve_device",
+           "save_checkpoint", "tune_backends"]
 
 
 @dataclass

@@ -15,10 +15,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
                       model_validator)
 
-from echo import METHODS
 from echo.data import DATASETS
 from echo.device import DEVICE_TYPES
 from echo.methods import check_method_options, method_options, tunable_options
+from pipeline.method_params import checked_options, known_method
 from echo.settings import TrainConfig, default_of, sweep_wide_settings
 
 PARAMS_FILE = "params.yaml"
@@ -306,37 +306,6 @@ class EvaluateParams(Strict):
 
 class FrontierParams(Strict):
     recon_samples: int = Field(10, ge=1)     # encoder samples averaged per reconstruction
-
-
-def known_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    return method
-
-
-def check_option_values(method: str, options: dict) -> dict:
-    """An option's YAML value must be of its default's kind: a number where the default is a
-    number (not a string or a boolean), a boolean where it is a boolean."""
-    defaults = method_options(method)
-    for name, value in options.items():
-        default = defaults.get(name)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{method}.{name} must be true or false, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and \
-                (isinstance(value, (bool, str))):
-            raise ValueError(f"{method}.{name} must be a number, got {value!r}")
-    return options
-
-
-def checked_options(v: dict, prefix: str) -> dict:
-    """{method: options} with known methods, options their builders take, values of the right
-    kind; errors name `<prefix>.<method>.<option>`."""
-    for method, options in v.items():
-        known_method(method)
-        check_method_options(method, options or {},
-                             names={o: f"{prefix}.{method}.{o}" for o in options or {}})
-        check_option_values(method, options or {})
-    return {method: dict(options or {}) for method, options in v.items()}
 
 
 class Params(Strict):

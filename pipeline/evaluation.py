@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from echo import echo_low_rate_limit
-from echo.train import atomic_write, evaluate, iwae_neg_log_likelihood, load_model, resolve_device
+from echo.files import atomic_write
+from echo.train import evaluate, iwae_neg_log_likelihood, load_model, resolve_device
 from pipeline.aggregate import best_at_beta
 from pipeline.comparison import comparison_metrics
 from pipeline.trials import SETTING_COLUMNS, TrialStatus

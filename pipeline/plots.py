@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from echo.train import atomic_write, load_model  # noqa: E402
+from echo.files import atomic_write  # noqa: E402
+from echo.train import load_model  # noqa: E402
 from pipeline.aggregate import seed_points, seed_trials  # noqa: E402
 from pipeline.report import rate_kind_label  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from echo.train import atomic_write
+from echo.files import atomic_write
 from pipeline.aggregate import best_at_beta
 from pipeline.comparison import comparison_lines
 from pipeline.evaluation import TABLE_BETA
