@@ -12,6 +12,7 @@ from echo.data import DataError
 from echo.train import load_train_test
 from pipeline.config import Params
 from pipeline.experiment import storage_uri
+from pipeline.data_errors import data_error_line
 from pipeline.results_tracking import resolve_tracking_uri
 from pipeline.sweep_errors import SweepError
 from pipeline.trainable import train_config, trial_base
@@ -24,12 +25,11 @@ def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     load and hold at least one batch, and every output folder must take a write."""
     check_device(params)
     base = trial_base(params, root)
-    cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0],
-                        "clip_factor": None})
+    cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0]})
     try:
         x_train, _ = load_train_test(cfg)
     except (DataError, ValueError, OSError) as err:
-        raise SweepError(f"data: cannot load {params.data.dataset!r} ({err}); run "
+        raise SweepError(f"data: cannot load {params.data.dataset!r} ({data_error_line(err)}); run "
                          f"`python -m stages.prepare` or fix data.raw_dir") from err
     n = len(x_train[: params.sweep.train_limit])
     if n < params.train.batch_size:
