@@ -4,6 +4,7 @@ Docker image and the pipeline, and the on-premise one runs for real: `ray up` / 
 MLflow on SQLite on the "head")."""
 from __future__ import annotations
 
+import fnmatch
 import getpass
 import hashlib
 import json
@@ -67,11 +68,18 @@ def _dockerfile() -> tuple[str, str, list[str]]:
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore leaves `path` out, as Docker reads it: a pattern matches from the
+    context root (`data/` is ./data, not echo/data), a folder it matches takes its contents
+    along, and a leading `**/` matches at any depth."""
     parts = path.split("/")
     for pattern in patterns:
-        pattern = pattern.rstrip("/").removeprefix("**/")
-        if any(Path(*parts[:i]).match(pattern) for i in range(1, len(parts) + 1)):
-            return True
+        pattern = pattern.strip("/")
+        anywhere = pattern.startswith("**/")
+        pattern = pattern.removeprefix("**/")
+        for i in range(1, len(parts) + 1):
+            starts = range(i) if anywhere else [0]
+            if any(fnmatch.fnmatchcase("/".join(parts[j:i]), pattern) for j in starts):
+                return True
     return False
 
 
