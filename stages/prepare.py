@@ -13,7 +13,9 @@ import logging
 import sys
 
 from echo.data import DataError, manifest_path, prepare
-from pipeline.config import PARAMS_FILE, ParamsError, load_params
+from pipeline.cli import EXIT_OK, entry_point, error
+from pipeline.config import Params
+from pipeline.stage_files import StageFiles
 
 # The params.yaml field behind each argument of echo.data's loaders, so that a DataError's fix
 # ("set check_sizes=False") reads as the field to change ("set data.check_sizes: false").
@@ -32,25 +34,20 @@ def data_error_line(err: DataError) -> str:
     return err.rephrased(DATA_FIELDS, yaml_setting)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
+# Its outputs are named by the params' `data` section (dvc.yaml's outs), not by options.
+@entry_point("python -m stages.prepare", __doc__)
+def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    data = params.data
     try:
-        data = load_params(args.params).data
         manifest = prepare(data.dataset, data.raw_dir, data.prepared_dir, download=data.download,
                            seed=data.binarization_seed, check_sizes=data.check_sizes)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except DataError as err:
-        print(f"error: {data_error_line(err)}", file=sys.stderr)
-        return 1
+        return error(data_error_line(err))
     sizes = ", ".join(f"{split} {info['n']:,}" for split, info in manifest["splits"].items())
     print(f"prepared {manifest['variant']} ({sizes}) -> {data.prepared_path} "
           f"and {manifest_path(data.prepared_path).name}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ def test_results_tracking_is_given_the_same_paths(project, capsys):
         "error: elsewhere/evaluation.csv: not found; run `dvc repro evaluate` first"
 
 
-@pytest.mark.parametrize("module", ["stages.sweep", "stages.evaluate", "stages.frontier",
-                                    "pipeline.results_tracking"])
+@pytest.mark.parametrize("module", ["stages.prepare", "stages.sweep", "stages.evaluate",
+                                    "stages.frontier", "pipeline.results_tracking"])
 def test_bad_params_exit_2_in_one_line_before_any_file_is_read(project, capsys, module):
     (project / "params.yaml").write_text("data: {dataset: nosuchset}\n")
     main = __import__(module, fromlist=["main"]).main
