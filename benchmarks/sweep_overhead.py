@@ -41,6 +41,7 @@ def measure_sweep_overhead(quick: bool, sweep_options: dict | None = None) -> di
     from pipeline.results_tracking import resolve_tracking_uri
     from pipeline.sweep import connect_ray, run_sweep
     from pipeline.tracking import SweepTracker
+    from pipeline.trials import ARTIFACT_DIR
 
     class EpochTimes(tune.Callback):
         def __init__(self):
@@ -73,7 +74,7 @@ def measure_sweep_overhead(quick: bool, sweep_options: dict | None = None) -> di
             start = time.perf_counter()
             SweepTracker(resolve_tracking_uri(params.tracking.uri, Path(root)),
                          params.tracking.experiment, "setup", "setup",
-                         artifact_root=Path(root) / "mlartifacts").open()
+                         artifact_root=Path(root) / ARTIFACT_DIR).open()
             store_s = time.perf_counter() - start
             start = time.perf_counter()
             table = run_sweep(params, Path(root), callbacks=(times,), verbose=0)

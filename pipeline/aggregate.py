@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.trials import TrialStatus
+
 SERIES_KEYS = ["method", "arch", "latent_dim"]
 POINT_KEYS = [*SERIES_KEYS, "beta"]
 AVERAGED = ("rate", "distortion", "neg_elbo", "iwae_neg_log_lik")
@@ -25,7 +27,7 @@ POINT_COLUMNS = ["series", *POINT_KEYS, "n_seeds", "seeds",
 
 def completed(evaluation: pd.DataFrame) -> pd.DataFrame:
     """Completed trials with finite test metrics (the points a frontier is made of)."""
-    ok = (evaluation["status"] == "completed") \
+    ok = (evaluation["status"] == TrialStatus.COMPLETED) \
         & np.isfinite(evaluation["rate"].astype(float)) \
         & np.isfinite(evaluation["distortion"].astype(float))
     return evaluation[ok]

@@ -15,24 +15,8 @@ import sys
 from echo.data import DataError, manifest_path, prepare
 from pipeline.cli import EXIT_OK, entry_point, error
 from pipeline.config import Params
+from pipeline.data_errors import data_error_line
 from pipeline.stage_files import StageFiles
-
-# The params.yaml field behind each argument of echo.data's loaders, so that a DataError's fix
-# ("set check_sizes=False") reads as the field to change ("set data.check_sizes: false").
-DATA_FIELDS = {"root": "data.raw_dir", "download": "data.download",
-               "check_sizes": "data.check_sizes"}
-
-
-def yaml_setting(field: str, value: object) -> str:
-    """`field: value` as params.yaml spells it (booleans lower case)."""
-    shown = str(value).lower() if isinstance(value, bool) else value
-    return f"{field}: {shown}"
-
-
-def data_error_line(err: DataError) -> str:
-    """A DataError's one line with the library arguments it names as params.yaml fields."""
-    return err.rephrased(DATA_FIELDS, yaml_setting)
-
 
 # Its outputs are named by the params' `data` section (dvc.yaml's outs), not by options.
 @entry_point("python -m stages.prepare", __doc__)
