@@ -75,46 +75,71 @@ def nonfinite_report(err: NonFiniteLossError, epochs_done: int) -> dict:
             **{name: float("nan") for name in REPORTED_METRICS}}
 
 
+class CheckpointSchedule:
+    """When a trial writes a Tune checkpoint: every `checkpoint_every` epochs, but at most one per
+    `checkpoint_min_interval_s` seconds (a crash loses at most the larger of the two)."""
+
+    def __init__(self, config: dict):
+        self.every = config["checkpoint_every"]
+        self.min_interval = config["checkpoint_min_interval_s"]
+        self.saved_at = time.monotonic()
+
+    def due(self, epoch: int) -> bool:
+        if epoch % self.every or time.monotonic() - self.saved_at < self.min_interval:
+            return False
+        self.saved_at = time.monotonic()
+        return True
+
+
+def trial_resume(folders: list[str]) -> tuple[tune.Checkpoint | None, list[dict] | None, int]:
+    """Where a (re)started trial goes on from: its newest intact checkpoint, the model files in
+    it (one per folder: [""] for a trial, member_<k> for a packed one) and the epoch of the
+    checkpoint Tune gave it (behind the newest when Tune's snapshot lagged)."""
+    given = tune.get_checkpoint()
+    checkpoint = newest_trial_checkpoint(given, folders[0])
+    states = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as local:
+            states = [load_checkpoint(Path(local) / folder / MODEL_FILE) for folder in folders]
+    return checkpoint, states, _checkpoint_epoch(given, folders[0])
+
+
+def report_with_copy(report: dict, checkpoint: tune.Checkpoint) -> None:
+    """Report an existing checkpoint again, from a copy: Tune may persist it into the very folder
+    it came from."""
+    with tempfile.TemporaryDirectory() as folder:
+        copy = tune.Checkpoint.from_directory(checkpoint.to_directory(folder))
+        tune.report(report, checkpoint=copy)
+
+
 def train_trial(config: dict) -> None:
     """One trial: fit with per-epoch reports and Tune checkpoints; resumes when Tune restarts it."""
     if "betas" in config:
         return train_packed_trial(config)
     cfg = train_config(config)
-    every, min_interval = config["checkpoint_every"], config["checkpoint_min_interval_s"]
-    given = tune.get_checkpoint()
-    checkpoint = newest_trial_checkpoint(given)
-    resume = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder) / MODEL_FILE)
+    checkpoint, states, known = trial_resume([""])
+    resume = states[0] if states else None
     done = {"epochs": int(resume["epoch"]) if resume else 0}
-
-    known = _checkpoint_epoch(given)
     if done["epochs"] > known:
         # Tune's snapshot lagged behind this trial (its driver was killed): replay the epochs
         # it lost, so that Tune's iteration count and the tracked per-epoch metrics stay
-        # complete, then go on from there (a finished trial trains nothing). The checkpoint is
-        # reported from a copy: Tune may persist it into the very folder it came from.
+        # complete, then go on from there (a finished trial trains nothing).
         lost = resume["history"][known:]
         for metrics in lost[:-1]:
             tune.report(epoch_report(metrics, cfg.beta))
-        with tempfile.TemporaryDirectory() as folder:
-            tune.report(epoch_report(lost[-1], cfg.beta),
-                        checkpoint=tune.Checkpoint.from_directory(checkpoint.to_directory(folder)))
+        report_with_copy(epoch_report(lost[-1], cfg.beta), checkpoint)
         if done["epochs"] >= cfg.epochs:
             return
 
-    saved = {"at": time.monotonic()}
+    schedule = CheckpointSchedule(config)
 
     def on_epoch(epoch: int, metrics: dict, state) -> None:
         done["epochs"] = epoch
         report = epoch_report(metrics, cfg.beta)
         last = epoch == cfg.epochs
-        due = epoch % every == 0 and time.monotonic() - saved["at"] >= min_interval
-        if not (last or due):
+        if not (schedule.due(epoch) or last):
             tune.report(report)
             return
-        saved["at"] = time.monotonic()
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder) / MODEL_FILE, state())
             if last:
@@ -133,23 +158,21 @@ def train_packed_trial(config: dict) -> None:
     member: each member is the separate run of its beta). Per epoch it reports the mean over
     the members still training of each metric (what the searcher sees) and member k's as
     `member_<k>/<name>`; Tune checkpoints hold `member_<k>/model.pt` per member (+ its
-    reconstructions.png in the final one), written as `train_trial` writes its own, and a
-    restarted trial resumes from the newest. A member whose loss turns NaN/inf stops alone: its
-    `member_<k>/status` is nonfinite with the reason, the others go on; only when every member
-    has stopped does the whole trial end as nonfinite."""
+    reconstructions.png in the final one), on the schedule of `train_trial`'s, and a restarted
+    trial resumes from the newest. A member whose loss turns NaN/inf stops alone: its
+    `member_<k>/status` is nonfinite (with the reason from the first checkpoint after it
+    stopped), the others go on; only when every member has stopped does the whole trial end as
+    nonfinite."""
     from echo.ensemble import fit_ensemble
     cfgs = [train_config(member) for member in trial_members(config)]
     folders = [member_folder({"member": k}) for k in range(len(cfgs))]
-    every, min_interval = config["checkpoint_every"], config["checkpoint_min_interval_s"]
-    given = tune.get_checkpoint()
-    checkpoint = newest_trial_checkpoint(given, folders[0])
-    resume = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = [load_checkpoint(Path(folder) / f / MODEL_FILE) for f in folders]
-    done = {"epochs": int(resume[0]["epoch"]) if resume else 0, "stopped": {}}
+    checkpoint, resume, known = trial_resume(folders)
+    done = {"epochs": int(resume[0]["epoch"]) if resume else 0}
 
-    def report(epoch: int, metrics: list[dict | None]) -> dict:
+    def report(epoch: int, metrics: list[dict | None], states: list[dict] = ()) -> dict:
+        """The epoch's report; `states` (the members' checkpoint dicts, where at hand) give a
+        stopped member's reason."""
+        reasons = {k: s["stopped"] for k, s in enumerate(states) if s.get("stopped")}
         live = {k: epoch_report(m, cfg.beta) for k, (m, cfg) in enumerate(zip(metrics, cfgs))
                 if m is not None}
         out = {name: sum(m[name] for m in live.values()) / len(live) for name in REPORTED_METRICS}
@@ -160,43 +183,38 @@ def train_packed_trial(config: dict) -> None:
             else:
                 out.update({f"{folder}/{name}": float("nan") for name in REPORTED_METRICS})
                 out.update({f"{folder}/status": TrialStatus.NONFINITE,
-                            f"{folder}/error": done["stopped"].get(k, "")})
+                            f"{folder}/error": reasons.get(k, "")})
         return out
 
-    known = _checkpoint_epoch(given, folders[0])
     if done["epochs"] > known:
         # Tune's snapshot lagged behind (see train_trial): replay the lost epochs' reports.
         histories = [{m["epoch"]: m for m in r["history"]} for r in resume]
-        done["stopped"] = {k: r["stopped"] for k, r in enumerate(resume) if r.get("stopped")}
-        for epoch in range(known + 1, done["epochs"] + 1):
-            out = report(epoch, [h.get(epoch) for h in histories])
-            if epoch < done["epochs"]:
-                tune.report(out)
-                continue
-            with tempfile.TemporaryDirectory() as folder:
-                tune.report(out, checkpoint=tune.Checkpoint.from_directory(
-                    checkpoint.to_directory(folder)))
+        for epoch in range(known + 1, done["epochs"]):
+            tune.report(report(epoch, [h.get(epoch) for h in histories], resume))
+        report_with_copy(report(done["epochs"], [h.get(done["epochs"]) for h in histories],
+                                resume), checkpoint)
         if done["epochs"] >= cfgs[0].epochs:
             return
 
-    saved = {"at": time.monotonic()}
+    schedule = CheckpointSchedule(config)
+
+    def save_members(folder: str, states: list[dict]) -> None:
+        for name, member_state in zip(folders, states):
+            (Path(folder) / name).mkdir()
+            save_checkpoint(Path(folder) / name / MODEL_FILE, member_state)
 
     def on_epoch(epoch: int, metrics: list[dict | None], state) -> None:
         done["epochs"] = epoch
         if epoch == cfgs[0].epochs:     # the last report goes with the final checkpoint, below
-            done["states"], done["report"] = state(), report(epoch, metrics)
-            return
-        if not (epoch % every == 0 and time.monotonic() - saved["at"] >= min_interval):
+            done["states"] = state()
+        elif not schedule.due(epoch):
             tune.report(report(epoch, metrics))
-            return
-        saved["at"] = time.monotonic()
-        states = state()
-        done["stopped"] = {k: s["stopped"] for k, s in enumerate(states) if s.get("stopped")}
-        with tempfile.TemporaryDirectory() as folder:
-            for name, member_state in zip(folders, states):
-                (Path(folder) / name).mkdir()
-                save_checkpoint(Path(folder) / name / MODEL_FILE, member_state)
-            tune.report(report(epoch, metrics), checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            states = state()
+            with tempfile.TemporaryDirectory() as folder:
+                save_members(folder, states)
+                tune.report(report(epoch, metrics, states),
+                            checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
         # strategy "auto": CUDA streams on a GPU (the speed-up), a loop over members on a
@@ -206,16 +224,15 @@ def train_packed_trial(config: dict) -> None:
     except NonFiniteLossError as err:
         tune.report(nonfinite_report(err, done["epochs"]))
         return
-    done["stopped"] = {k: r.stopped for k, r in enumerate(results) if r.stopped}
-    final = report(cfgs[0].epochs, [None if r.stopped else r.metrics for r in results])
+    states = done["states"]
     x_test = load_train_test(cfgs[0])[1]
     with tempfile.TemporaryDirectory() as folder:
-        for k, (name, cfg, member_state) in enumerate(zip(folders, cfgs, done["states"])):
-            (Path(folder) / name).mkdir()
-            save_checkpoint(Path(folder) / name / MODEL_FILE, member_state)
-            if k not in done["stopped"]:
+        save_members(folder, states)
+        for name, cfg, result in zip(folders, cfgs, results):
+            if not result.stopped:
                 write_reconstructions(Path(folder) / name / MODEL_FILE, cfg,
                                       Path(folder) / name / RECONSTRUCTIONS_FILE, x_test=x_test)
+        final = report(cfgs[0].epochs, [None if r.stopped else r.metrics for r in results], states)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 

@@ -91,7 +91,7 @@ def check_method_options(method: str, options: dict, *, training=None,
         raise ValueError(f"{spelled}: method {method!r} has no such option; its options are "
                          f"{sorted(allowed)}")
     if spec.check is not None and training is not None:
-        given = {**{k: v for k, v in allowed.items()}, **options,
+        given = {**allowed, **options,
                  **(run_options(method, training) if training is not None else {})}
         spec.check(given, names=names)
 
