@@ -67,6 +67,22 @@ class _EndedTrials(tune.Callback):
     def status(self) -> dict[str, str]:
         return {t.config["trial_id"]: t.status for t in self.trials}
 
+    @property
+    def unfinished(self) -> list:
+        return [t for t in self.trials if not trial_finished(t)]
+
+
+def trial_finished(trial) -> bool:
+    """Ended for good: crashed past its retries (ERROR), or its trainable returned or the
+    scheduler (ASHA) stopped it (TERMINATED with Tune's `done` in its last result). A sweep
+    that is interrupted (Ctrl-C, SIGUSR1, a store outage) has Tune stop its running trials as
+    TERMINATED too, but not done: they did not reach their last epoch, and the rerun resumes
+    them from their checkpoints (Tune's last snapshot, taken before it stopped them, holds
+    them as running)."""
+    if trial.status == Trial.ERROR:
+        return True
+    return trial.status == Trial.TERMINATED and bool((trial.last_result or {}).get("done"))
+
 
 
 def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEFAULT_FILES,
@@ -143,13 +159,15 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
             f"{tracker.unreachable or 'tracking store unreachable'}; the sweep stopped with its "
             f"trials saved: run the stage again when the store is back to resume it")
     expected = len(grid_points(params)) * sweep.search.num_samples
-    unfinished = [t for t, s in statuses.status.items() if s not in (Trial.TERMINATED, Trial.ERROR)]
-    missing = expected - len(statuses.status) + len(unfinished)
+    missing = expected - len(statuses.status) + len(statuses.unfinished)
     if missing:
-        tracker.finish_sweep("KILLED")
+        # The parent run and the child runs of the trials that did not finish end KILLED
+        # (status tag `interrupted`); a rerun reopens them.
+        tracker.close_sweep(tracker.sweep_uid)
         raise SweepInterrupted(
-            f"sweep {sweep.name!r} stopped with {missing} of {expected} trials unfinished; "
-            f"run the stage again to resume it from {experiment}")
+            f"sweep {sweep.name!r} was interrupted with {missing} of {expected} trials "
+            f"unfinished (nothing written to {files.sweep_csv}); run the stage again to resume "
+            f"them from their checkpoints in {experiment}")
     ended = {id(t): trial_outcome(t) for t in statuses.trials}
     if not any(status == TrialStatus.COMPLETED for status, _ in ended.values()):
         # Nothing to evaluate: exit non-zero (DVC records nothing) instead of an empty table

@@ -182,6 +182,8 @@ class SweepTracker(tune.Callback):
             history = self.client.get_metric_history(run_id, "test_neg_elbo")
             self._last_step[trial_id] = max((m.step for m in history), default=0)
             self.client.update_run(run_id, status="RUNNING")
+            if existing[0].data.tags.get("status") == TrialStatus.INTERRUPTED:
+                self.client.set_tag(run_id, "status", TrialStatus.RUNNING)    # resumed
         else:
             run_id = self.client.create_run(
                 self.experiment_id, run_name=trial_id,
