@@ -28,18 +28,34 @@ class Encoding:
 
 
 class EchoChannel(nn.Module):
-    """f = tanh(Dense), log S = log_sigmoid(Dense) + log r; z = f + S eps (Eq. 1-3).
+    """f = tanh(Dense / k), log S = log_sigmoid(Dense) + log r; z = f + S eps (Eq. 1-3).
 
     r is the clipping factor (Sec. 5): by default the largest r that keeps the truncated Echo
     sum exact to float32 precision with d_max = batch_size - 1 terms.
+
+    k is `f_range`, the width of tanh's linear range (Sec. 5: "expand the linear range of the
+    tanh"; the authors' configs use tanh(a/16)). The f head's initial weights and bias are
+    multiplied by k, so that f starts with the same spread whatever k (a plain tanh(a/16) on a
+    default-initialised head starts f ~16 times too small for the decoder to read). Under Adam,
+    whose steps do not depend on a gradient's scale, this is the same model as tanh(a) with the
+    f head's learning rate divided by k (docs/methods.md, "f's linear range").
     """
 
     exact_rate = True
 
     def __init__(self, in_features: int, latent_dim: int, *, clip_factor: float | None = None,
-                 d_max: int | None = None, replace: bool = False, batch_size: int = 100):
+                 d_max: int | None = None, replace: bool = False, batch_size: int = 100,
+                 f_range: float = 1.0):
         super().__init__()
+        if not (isinstance(f_range, (int, float)) and not isinstance(f_range, bool)
+                and math.isfinite(f_range) and f_range > 0):
+            raise ValueError(f"f_range must be a number > 0 (f = tanh(a / f_range)), "
+                             f"got {f_range!r}")
+        self.f_range = float(f_range)
         self.f_head = nn.Linear(in_features, latent_dim)
+        with torch.no_grad():
+            self.f_head.weight.mul_(self.f_range)
+            self.f_head.bias.mul_(self.f_range)
         self.log_s_head = nn.Linear(in_features, latent_dim)
         self.d_max = d_max
         self.replace = replace
@@ -50,7 +66,7 @@ class EchoChannel(nn.Module):
         self.log_clip = math.log(self.clip_factor)
 
     def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        f = torch.tanh(self.f_head(h))
+        f = torch.tanh(self.f_head(h) / self.f_range)
         log_s = nn.functional.logsigmoid(self.log_s_head(h)) + self.log_clip
         return f, log_s
 

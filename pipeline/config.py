@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_mode
 
 from echo.data import DATASETS
 from echo.device import DEVICE_TYPES
+from echo.networks import LIKELIHOODS
 from echo.methods import check_method_options, method_options, tunable_options
 from pipeline.method_params import checked_options, known_method
 from echo.settings import TrainConfig, default_of, sweep_wide_settings
@@ -84,6 +85,14 @@ class TrainSettings(Strict):
                 kind = None
             if kind not in DEVICE_TYPES:
                 raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:<index> or mps")
+        return v
+
+    @field_validator("likelihood", check_fields=False)
+    @classmethod
+    def known_likelihood(cls, v):
+        if v is not None and v not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {v!r}; choose one of {list(LIKELIHOODS)} or "
+                             f"leave it out (the data set's own)")
         return v
 
     @model_validator(mode="before")

@@ -23,12 +23,13 @@ from echo.files import atomic_write
 from echo.train import evaluate, iwae_neg_log_likelihood, load_model, resolve_device
 from pipeline.aggregate import best_at_beta
 from pipeline.comparison import comparison_metrics
+from pipeline.known_answer import KNOWN_ANSWER_COLUMNS, known_answer_columns
 from pipeline.trials import SETTING_COLUMNS, TrialStatus
 
 # What evaluate reads of results/sweep.csv (pipeline.trials.CSV_COLUMNS).
 SWEEP_COLUMNS = (*SETTING_COLUMNS, "status", "error", "checkpoint")
 METRIC_COLUMNS = ("rate", "rate_kind", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik",
-                  "low_rate_limit", "note")
+                  "low_rate_limit", "note", *KNOWN_ANSWER_COLUMNS)
 EVALUATION_COLUMNS = SWEEP_COLUMNS + METRIC_COLUMNS
 NO_DENSITY_NOTE = ("no IWAE bound: the marginal q(z) has no closed-form density (exact-rate "
                    "method); -ELBO uses the exact rate")
@@ -78,6 +79,8 @@ def evaluate_checkpoint(checkpoint: str | Path, x_test: torch.Tensor, *, batch_s
     clip = getattr(model.channel, "clip_factor", None)
     if getattr(model.channel, "exact_rate", False) and clip is not None:
         row["low_rate_limit"] = echo_low_rate_limit(clip, config.latent_dim)
+    # Where the data set's R-D function is known: the excess over it (pipeline.known_answer).
+    row.update(known_answer_columns(model, config, x, batch, row))
     return row
 
 

@@ -41,7 +41,10 @@ def fingerprint(params: Params, root: Path | None = None) -> dict:
         sweep["pack_betas"] = True
     # device / cuda_graph change where and how fast a trial trains, not what it trains.
     return {"data": {**data, "prepared_sha256": data_sha256},
-            "train": params.train.model_dump(exclude={"device", "cuda_graph"}),
+            # likelihood / gaussian_tau only when set: sweeps started before they existed resume.
+            "train": params.train.model_dump(exclude={"device", "cuda_graph"} | {
+                name for name in ("likelihood", "gaussian_tau")
+                if getattr(params.train, name) is None}),
             "method_options": params.options,
             "sweep": sweep}
 

@@ -3,7 +3,9 @@
 Options: clip_factor (None: the largest r whose truncated sum is exact to float32 precision,
 Sec. 5; searched by Optuna where sweep.search.method_options.echo.clip_factor is given), d_max
 (Echo terms; None: batch_size - 1), replace (noise terms drawn with replacement). The batch
-size comes from the run: it bounds d_max and sets the default clipping factor."""
+size comes from the run: it bounds d_max and sets the default clipping factor. f_range: k in
+f = tanh(a / k), the width of tanh's linear range (Sec. 5), with the f head's initial weights
+scaled by k so that f starts equally spread (docs/methods.md, "f's linear range")."""
 from ..channels import EchoChannel
 from ..noise import check_echo_truncation
 from . import register
@@ -18,7 +20,7 @@ def check(options: dict, *, names: dict) -> None:
 
 @register("echo", from_run=("batch_size",), tunable=("clip_factor",), check=check)
 def build(encoder, features, decoder, latent_dim, input_shape, *, clip_factor=None, d_max=None,
-          replace=False, batch_size=100) -> Autoencoder:
+          replace=False, batch_size=100, f_range=1.0) -> Autoencoder:
     channel = EchoChannel(features, latent_dim, clip_factor=clip_factor, d_max=d_max,
-                          replace=replace, batch_size=batch_size)
+                          replace=replace, batch_size=batch_size, f_range=f_range)
     return Autoencoder(encoder, channel, decoder)
