@@ -7,6 +7,16 @@
 #
 #   OUT=/some/dir bash benchmarks/table2_gpu.sh
 #
+# The same at MLP scale (issue 23), every Table-2 method and three seeds, for a GPU call that
+# finishes what a CPU spreads over sessions:
+#
+#   OUT=/some/dir ARCH=mlp SEEDS=0,1,2 JOBS=6 TIME_LIMIT=420 \
+#     METHODS=echo,vae,iaf-prior,infovae,vae-vamp,vae-maf,iaf-mmd,iaf-vamp,iaf-maf \
+#     bash benchmarks/table2_gpu.sh
+#
+# Runs are resumable (benchmarks/fidelity.py): with the same OUT, a second call continues each
+# run from its last epoch and skips finished ones.
+#
 # Writes $OUT/binary_mnist_table.csv, $OUT/fidelity/{runs/*.csv,summary.csv,table.md,
 # neg_elbo.png,run.json} and $OUT/log.txt. Every epoch is appended to the curves as it ends, and
 # every run stops at the end of its epoch once TIME_LIMIT seconds have passed, so a slow device
@@ -22,14 +32,18 @@ DEVICE="${DEVICE:-cuda}"
 IWAE_K="${IWAE_K:-1000}"
 TIME_LIMIT="${TIME_LIMIT:-400}"     # training seconds; IWAE and start-up fit in the rest of 9 min
 THREADS="${THREADS:-4}"
+ARCH="${ARCH:-conv}"
+METHODS="${METHODS:-echo,vae,iaf-prior}"
+SEEDS="${SEEDS:-0}"
+JOBS="${JOBS:-3}"
 DATA_ROOT="${DATA_ROOT:-data/raw/mnist}"   # the four MNIST IDX files (carried to the device)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
     echo "# $(date -u +%FT%TZ) $(uname -n)"
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-    python -m benchmarks.fidelity --methods echo,vae,iaf-prior --seeds 0 --epochs "$EPOCHS" \
-        --train-images "$TRAIN_IMAGES" --test-images "$TEST_IMAGES" --jobs 3 \
+    python -m benchmarks.fidelity --arch "$ARCH" --methods "$METHODS" --seeds "$SEEDS" \
+        --epochs "$EPOCHS" --train-images "$TRAIN_IMAGES" --test-images "$TEST_IMAGES" --jobs "$JOBS" \
         --threads "$THREADS" --device "$DEVICE" --iwae-k "$IWAE_K" --time-limit "$TIME_LIMIT" \
         --data-root "$DATA_ROOT" --out "$OUT/fidelity" --table-csv "$OUT/binary_mnist_table.csv"
 } 2>&1 | tee "$OUT/log.txt"
