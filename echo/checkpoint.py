@@ -17,7 +17,9 @@ import torch
 
 from .files import atomic_write
 from .graphs import portable_optimizer_state
+from .data import REGISTRY
 from .methods import Autoencoder, build_model
+from .networks import Bernoulli, Gaussian, make_likelihood
 from .settings import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,11 +75,28 @@ def _load_error_reason(err: Exception) -> str:
     return lines[0] if lines else "unreadable"
 
 
+def run_likelihood(config: TrainConfig) -> Bernoulli | Gaussian:
+    """The decoder's likelihood of a run: `config.likelihood` / `config.gaussian_tau` where
+    given, else what the data set declares (`DatasetSpec.likelihood`, `.tau`); Bernoulli for a
+    data set the registry does not know (a hand-written .npz)."""
+    spec = REGISTRY.get(config.dataset)
+    declared = spec.likelihood if spec is not None else "bernoulli"
+    name = config.likelihood or declared
+    tau = config.gaussian_tau
+    if tau is None and name == declared and spec is not None:
+        tau = spec.tau
+    if name == "bernoulli" and config.gaussian_tau is None:
+        tau = None                   # the data set's tau belongs to its own Gaussian decoder
+    return make_likelihood(name, tau)
+
+
 def make_model(config: TrainConfig, input_shape: tuple[int, ...]) -> Autoencoder:
     """The run's model; the method takes what it needs from the run (e.g. Echo the batch size
-    for its clipping factor) as its builder declares (`echo.methods.register`)."""
+    for its clipping factor) as its builder declares (`echo.methods.register`); its decoder's
+    likelihood is `run_likelihood(config)`."""
     return build_model(config.method, arch=config.arch, latent_dim=config.latent_dim,
-                       input_shape=input_shape, training=config, **config.method_options)
+                       input_shape=input_shape, training=config,
+                       likelihood=run_likelihood(config), **config.method_options)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Autoencoder, TrainConfig]:

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from .checkpoint import run_likelihood
 from .data import load_dataset, load_prepared
 from .graphs import graph_ready_adam
 from .metrics import batches, mean_metrics
@@ -64,8 +65,12 @@ def load_train_test(config: TrainConfig) -> tuple[Tensor, Tensor]:
 
 def device_data(config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
     """The training and test images cut to the configured limits and moved to the device once,
-    to be batched by indexing; refuses a batch larger than the training set."""
+    to be batched by indexing; refuses a batch larger than the training set, and data the
+    run's decoder cannot model (values outside [0, 1] for a Bernoulli)."""
     x_train, x_test = load_train_test(config)
+    likelihood = run_likelihood(config)       # e.g. a Bernoulli decoder needs values in [0, 1]
+    for split, x in (("training", x_train), ("test", x_test)):
+        likelihood.check_data(x, f"the {split} data of {config.dataset}")
     x_train = x_train[: config.train_limit].to(device)
     x_test = x_test[: config.test_limit].to(device)
     if len(x_train) < config.batch_size:

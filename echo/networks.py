@@ -3,11 +3,13 @@
 `conv` is the paper's architecture (App. B) for 28x28 images; `mlp` is a small fully connected
 variant for small inputs (e.g. the 8x8 digits) and quick CPU runs. An encoder body maps x to a
 feature vector; the method's channel turns features into a latent code; a decoder maps a code
-to Bernoulli logits of the same shape as x.
+to an output of the same shape as x, which the decoder's likelihood (`Bernoulli`: logits;
+`Gaussian`: the mean) turns into the distortion -log p(x|z).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -137,6 +139,85 @@ def build_networks(arch: str, input_shape: tuple[int, ...], latent_dim: int
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """Distortion: Bernoulli negative log-likelihood in nats, summed over pixels, shape [B]."""
     return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def gaussian_nll(mean: Tensor, x: Tensor, tau: float) -> Tensor:
+    """Distortion: negative log-likelihood (nats) of x under N(mean, tau^2 I), summed over the
+    d values of an example, shape [B]: ||x - mean||^2 / (2 tau^2) + (d / 2) log(2 pi tau^2).
+    The constant keeps D + rate a proper bound on -log p(x) (a density, so it may be < 0)."""
+    d = math.prod(x.shape[1:])
+    return (x - mean).pow(2).flatten(1).sum(1) / (2 * tau * tau) + \
+        0.5 * d * math.log(2 * math.pi * tau * tau)
+
+
+# The decoder's likelihood p(x|z): what the decoder's output means and what the distortion is.
+# A data set declares its own (echo.data.DatasetSpec.likelihood, .tau); a run may override it
+# (TrainConfig.likelihood, .gaussian_tau). The rate never depends on it.
+LIKELIHOODS = ("bernoulli", "gaussian")
+DEFAULT_TAU = 1.0           # the Gaussian decoder's std where neither data set nor run gives one
+
+
+@dataclass(frozen=True)
+class Bernoulli:
+    """Independent Bernoulli values in [0, 1] (binary, or grey levels as targets of a
+    cross-entropy); the decoder outputs logits."""
+    name = "bernoulli"
+
+    def nll(self, output: Tensor, x: Tensor) -> Tensor:
+        return bernoulli_nll(output, x)
+
+    def mean(self, output: Tensor) -> Tensor:
+        return torch.sigmoid(output)
+
+    def describe(self) -> dict:
+        return {"likelihood": self.name}
+
+    def check_data(self, x: Tensor, where: str) -> None:
+        """Bernoulli targets must lie in [0, 1]; one line naming `where` and the fix."""
+        if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+            raise ValueError(f"{where} has values outside [0, 1] (min {float(x.min()):.4g}, max "
+                             f"{float(x.max()):.4g}), which a Bernoulli decoder cannot model: "
+                             f"set likelihood='gaussian' (params.yaml train.likelihood: "
+                             f"gaussian; --likelihood gaussian)")
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """x ~ N(g(z), tau^2 I) with a fixed, stated tau: the squared-error distortion
+    ||x - g(z)||^2 / (2 tau^2) plus its constant; the decoder outputs the mean g(z)."""
+    tau: float = DEFAULT_TAU
+    name = "gaussian"
+
+    def __post_init__(self):
+        if not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
+                and math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"gaussian_tau must be a number > 0 (the Gaussian decoder's std), "
+                             f"got {self.tau!r}")
+
+    def nll(self, output: Tensor, x: Tensor) -> Tensor:
+        return gaussian_nll(output, x, self.tau)
+
+    def mean(self, output: Tensor) -> Tensor:
+        return output
+
+    def describe(self) -> dict:
+        return {"likelihood": self.name, "tau": self.tau}
+
+    def check_data(self, x: Tensor, where: str) -> None:
+        """Any finite values."""
+
+
+def make_likelihood(name: str = "bernoulli", tau: float | None = None) -> Bernoulli | Gaussian:
+    """The likelihood called `name` (LIKELIHOODS); `tau` is the Gaussian's std (None:
+    DEFAULT_TAU) and must not be given for a Bernoulli."""
+    if name == "bernoulli":
+        if tau is not None:
+            raise ValueError(f"gaussian_tau={tau!r} is set but likelihood='bernoulli' has no "
+                             f"variance; drop gaussian_tau or set likelihood='gaussian'")
+        return Bernoulli()
+    if name == "gaussian":
+        return Gaussian(DEFAULT_TAU if tau is None else tau)
+    raise ValueError(f"unknown likelihood {name!r}; choose one of {list(LIKELIHOODS)}")
 
 
 def pixel_marginal_nll(x_train: Tensor, x_test: Tensor) -> float:

@@ -16,6 +16,8 @@ import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
+from .networks import LIKELIHOODS
+
 # Why a warm-up of beta at all, and why this length: docs/methods.md, "Why the conv models did
 # not learn". 500 steps: one of the paper's 200 epochs (the first 0.5% of its training).
 BETA_WARMUP_STEPS = 500
@@ -56,6 +58,11 @@ class TrainConfig:
                                      "steps (0: off; docs/methods.md)", ge=0, sweep_wide=True)
     seed: int = setting(0, "seed of weights, batch order and noise", ge=0)
     device: str = setting("auto", "auto, cpu, cuda, cuda:<index> or mps", sweep_wide=True)
+    likelihood: str | None = setting(None, "the decoder's likelihood: bernoulli or gaussian "
+                                     "(None: the data set's own, echo.data.dataset_spec(name)"
+                                     ".likelihood)", sweep_wide=True)
+    gaussian_tau: float | None = setting(None, "the gaussian decoder's fixed std tau (None: the "
+                                         "data set's, else 1)", gt=0, sweep_wide=True)
     train_limit: int | None = setting(None, "use only the first N training examples", ge=2)
     test_limit: int | None = setting(None, "use only the first N test examples", ge=2)
     method_options: dict = setting(None, "method option key=value, e.g. clip_factor=0.8 "
@@ -71,6 +78,9 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
             check_setting(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+        if self.likelihood is not None and self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)} or None (the data "
+                             f"set's own), got {self.likelihood!r}")
 
 
 def check_setting(name: str, value, hint, meta) -> None:

@@ -391,7 +391,8 @@ def test_failed_download_names_the_files_and_the_reason(tmp_path, http_server, m
 # --- the registry ------------------------------------------------------------------------------
 
 def test_every_data_set_is_one_registered_spec():
-    assert set(data.DATASETS) == {"binary_mnist", "mnist", "fashion_mnist", "omniglot", "digits"}
+    assert set(data.DATASETS) == {"binary_mnist", "mnist", "fashion_mnist", "omniglot", "digits",
+                                  "binary_source", "gaussian_source", "user_npz"}
     for name in data.DATASETS:
         spec = data.dataset_spec(name)
         assert spec.name == name and callable(spec.loader)

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..files import atomic_write, file_digest
 from .binarization import BINARIZATION_RULE, BINARIZATION_SEED, SPLITS
 from .errors import DataError
-from .registry import load_splits
+from .registry import dataset_spec, load_splits
 
 MANIFEST_VERSION = 1
 
@@ -46,6 +46,12 @@ def _split_summary(x: np.ndarray, y: np.ndarray) -> dict:
     return summary
 
 
+def _declared_likelihood(name: str) -> dict:
+    """The decoder the data set asks for (a run may override it)."""
+    spec = dataset_spec(name)
+    return {"likelihood": spec.likelihood, **({"tau": spec.tau} if spec.tau is not None else {})}
+
+
 def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, download: bool = True,
             seed: int = BINARIZATION_SEED, check_sizes: bool = True) -> dict:
     """Write <prepared_dir>/<name>.npz (train/valid/test _x, _y) and its manifest; return the
@@ -76,6 +82,8 @@ def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, downloa
             "raw_files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_digest(p),
                            "md5": file_digest(p, "md5")} for p in data.raw_files],
             "source": data.source,
+            "likelihood": _declared_likelihood(name),
+            "known_answer": data.spec,
             "prepared": {"path": npz_path.name, "bytes": tmp_npz.stat().st_size,
                          "sha256": file_digest(tmp_npz)},
         })

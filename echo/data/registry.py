@@ -30,6 +30,7 @@ class DataSplits:
     raw_files: list[Path] = field(default_factory=list)
     binarization_seed: int | None = None
     source: str | None = None                      # where data without raw files came from
+    spec: dict | None = None                       # a generated source's spec (known_answer)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,15 @@ class DatasetSpec:
     # A torchvision.datasets class that downloads `files` (into root/<class>/raw), tried before
     # the mirrors when torchvision imports.
     torchvision: str | None = None
+    # The decoder's likelihood p(x|z) the data set asks for (echo.networks.LIKELIHOODS) and,
+    # for "gaussian", its fixed std tau (None: echo.networks.DEFAULT_TAU); a run may override
+    # both (TrainConfig.likelihood, .gaussian_tau).
+    likelihood: str = "bernoulli"
+    tau: float | None = None
+    # A source whose rate-distortion function is known: () -> its spec, a JSON-able dict with
+    # "rd": {"kind": "log_loss", "entropy": H(X)} or {"kind": "gaussian_mse", "variances":
+    # [...]} (echo.known_answer turns it into the curve); recorded in the manifest.
+    known_answer: Callable[[], dict] | None = None
 
 
 REGISTRY: dict[str, DatasetSpec] = {}

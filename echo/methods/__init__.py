@@ -18,7 +18,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
-from ..networks import build_networks
+from ..networks import build_networks, make_likelihood
 from .base import AEOutput, Autoencoder
 
 NETWORK_ARGUMENTS = ("encoder", "features", "decoder", "latent_dim", "input_shape")
@@ -98,9 +98,12 @@ def check_method_options(method: str, options: dict, *, training=None,
 
 def build_model(method: str, arch: str = "conv", latent_dim: int = 32,
                 input_shape: tuple[int, ...] = (1, 28, 28), *, training=None,
-                **options) -> Autoencoder:
+                likelihood=None, **options) -> Autoencoder:
     """An autoencoder of the named method; forward(x, beta) -> AEOutput(rate, distortion, loss).
-    `training`: the run's TrainConfig, for the options the method takes from it."""
+    `training`: the run's TrainConfig, for the options the method takes from it.
+    `likelihood`: the decoder's p(x|z), an `echo.networks.Bernoulli()` (None: the default) or
+    `Gaussian(tau)`, or its name ("bernoulli", "gaussian" with tau 1), the same for every
+    method."""
     spec = _spec(method)
     if not isinstance(latent_dim, int) or latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
@@ -111,9 +114,14 @@ def build_model(method: str, arch: str = "conv", latent_dim: int = 32,
                          f"it takes {sorted(accepted)}")
     if training is not None:
         options = {**run_options(method, training), **options}
+    if isinstance(likelihood, str):
+        likelihood = make_likelihood(likelihood)
     encoder, features, decoder = build_networks(arch, input_shape, latent_dim)
-    return spec.builder(encoder=encoder, features=features, decoder=decoder,
-                        latent_dim=latent_dim, input_shape=tuple(input_shape), **options)
+    model = spec.builder(encoder=encoder, features=features, decoder=decoder,
+                         latent_dim=latent_dim, input_shape=tuple(input_shape), **options)
+    if likelihood is not None:
+        model.likelihood = likelihood
+    return model
 
 
 for _module in pkgutil.iter_modules(__path__):

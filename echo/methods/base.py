@@ -1,7 +1,10 @@
 """One autoencoder for every method: encoder body -> channel -> (marginal) -> decoder.
 
 A method (one file in this package) only chooses the channel, the marginal and an optional
-regulariser; the objective is shared:  loss = mean(distortion + beta * rate) + penalty.
+regulariser; the objective is shared:  loss = mean(distortion + beta * rate) + penalty. The
+distortion -log p(x|z) is the decoder's likelihood (`likelihood`: Bernoulli by default,
+Gaussian with a fixed std; echo/networks.py), set for every method by `build_model`; the rate
+does not depend on it.
 """
 from __future__ import annotations
 
@@ -13,21 +16,22 @@ from torch import Tensor, nn
 
 from ..channels import Encoding
 from ..marginals import Marginal
-from ..networks import bernoulli_nll
+from ..networks import Bernoulli, Gaussian
 
 
 @dataclass
 class AEOutput:
     rate: Tensor          # [B] nats: exact (Echo) or the upper bound log q(z|x) - log p(z)
-    distortion: Tensor    # [B] nats: Bernoulli negative log-likelihood summed over pixels
+    distortion: Tensor    # [B] nats: -log p(x|z) under the decoder's likelihood
     loss: Tensor          # scalar: mean(distortion + beta * rate) + penalty
     z: Tensor             # [B, D]
-    logits: Tensor        # like x
+    logits: Tensor        # like x: the decoder's output (Bernoulli logits; a Gaussian's mean)
 
 
 class Autoencoder(nn.Module):
     def __init__(self, encoder: nn.Module, channel: nn.Module, decoder: nn.Module,
-                 marginal: Marginal | None = None, regularizer: nn.Module | None = None):
+                 marginal: Marginal | None = None, regularizer: nn.Module | None = None,
+                 likelihood: Bernoulli | Gaussian | None = None):
         super().__init__()
         if marginal is None and not getattr(channel, "exact_rate", False):
             raise ValueError(f"{type(channel).__name__} has no exact rate: give it a marginal")
@@ -36,6 +40,8 @@ class Autoencoder(nn.Module):
         self.decoder = decoder
         self.marginal = marginal
         self.regularizer = regularizer
+        # p(x|z): no parameters, so checkpoints do not change with it.
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
 
     @property
     def has_density(self) -> bool:
@@ -62,7 +68,7 @@ class Autoencoder(nn.Module):
         enc = self.encode(x)
         rate = self.rate(enc)
         logits = self.decoder(enc.z)
-        distortion = bernoulli_nll(logits, x)
+        distortion = self.likelihood.nll(logits, x)
         loss = (distortion + beta * rate).mean()
         if self.regularizer is not None:
             loss = loss + self.regularizer(enc.z)
@@ -87,7 +93,7 @@ class Autoencoder(nn.Module):
             h_rep = h.repeat(n, *([1] * (h.dim() - 1)))           # [n*B, F]
             x_rep = x.repeat(n, *([1] * (x.dim() - 1)))
             enc = self.channel(h_rep)
-            log_px = -bernoulli_nll(self.decoder(enc.z), x_rep)
+            log_px = -self.likelihood.nll(self.decoder(enc.z), x_rep)
             log_w = log_px + self.marginal.log_prob(enc.z) - enc.log_q
             weights.append(log_w.view(n, x.shape[0]))
         log_w = torch.cat(weights, 0)
