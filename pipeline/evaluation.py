@@ -10,7 +10,6 @@ kept as rows without metrics so later stages can say what was excluded and why.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from echo import echo_low_rate_limit
 from echo.files import atomic_write
 from echo.train import evaluate, iwae_neg_log_likelihood, load_model, resolve_device
 from pipeline.aggregate import best_at_beta
-from pipeline.comparison import comparison_metrics
+from pipeline.headline import best_neg_elbo, pair_gaps
 from pipeline.known_answer import KNOWN_ANSWER_COLUMNS, known_answer_columns
 from pipeline.trials import SETTING_COLUMNS, TrialStatus
 
@@ -109,22 +108,13 @@ def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int
 
 
 def metrics_summary(evaluation: pd.DataFrame, comparison: pd.DataFrame | None = None,
-                    beta: float = TABLE_BETA) -> dict:
-    """metrics.json: per method, the best test -ELBO at beta (mean over seeds, with its R, D,
-    IWAE bound, their standard errors and the seed count), and the curve comparisons
-    (`pipeline.comparison`), so that `dvc metrics diff` compares experiments on both."""
-    summary = {}
-    for method, row in best_at_beta(evaluation, beta).iterrows():
-        entry = {}
-        for name in ("neg_elbo", "rate", "distortion", "iwae_neg_log_lik"):
-            for key in (name, f"{name}_sem"):
-                if math.isfinite(float(row[key])):
-                    entry[key] = float(row[key])
-        entry.update(n_seeds=int(row["n_seeds"]), rate_kind=str(row["rate_kind"]))
-        summary[method] = entry
-    out = {"beta": beta, "best_test_neg_elbo": summary}
+                    beta: float = TABLE_BETA) -> dict[str, float]:
+    """metrics.json, flat and numeric (pipeline.headline): `neg_elbo.<method>`, the best test
+    -ELBO at `beta` (mean over seeds), and `D_gap.<a>_vs_<b>` of the first series against each
+    other, so that `dvc metrics show` / `dvc exp show` give one short column each."""
+    out = best_neg_elbo(best_at_beta(evaluation, beta))
     if comparison is not None:
-        out["comparison"] = comparison_metrics(comparison)
+        out.update(pair_gaps(comparison, first_only=True))
     return out
 
 

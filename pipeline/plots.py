@@ -25,10 +25,12 @@ import torch  # noqa: E402
 from echo.files import atomic_write  # noqa: E402
 from echo.train import load_model  # noqa: E402
 from pipeline.aggregate import seed_points, seed_trials  # noqa: E402
+from pipeline.colors import method_color  # noqa: E402
 from pipeline.report import rate_kind_label  # noqa: E402
 
 RECON_IMAGES = 8                # test images per row of reconstructions.png
 LEVELS = ("low", "middle", "high")
+LINE_STYLES = ("-", "--", "-.", ":")
 
 
 def _save(fig, path: str | Path) -> None:
@@ -54,10 +56,15 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
         return
     means = seed_points(evaluation)
     seeds = int(means["n_seeds"].max())
-    colors = dict(zip(points["series"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]
-                      * 4))
+    # A method's colour is its colour in MLflow too (pipeline.colors); several series of one
+    # method (other archs or latent sizes) differ in line style.
+    styles = {}
+    for series, method in dict(zip(points["series"], points["method"])).items():
+        taken = sum(m == method for m, _ in styles.values())
+        styles[series] = (method, LINE_STYLES[taken % len(LINE_STYLES)])
+    colors = {series: method_color(method) for series, (method, _) in styles.items()}
     for series, group in points.groupby("series", sort=False):
-        color = colors[series]
+        color, style = colors[series], styles[series][1]
         ax.scatter(group["rate"], group["distortion"], color=color, alpha=0.25, s=10)
         mean = means[means["series"] == series]
         if seeds > 1:     # one standard error over seeds, both ways (NaN for a lone seed)
@@ -66,8 +73,8 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
                         capsize=2, alpha=0.8)
         front = frontier[frontier["series"] == series].sort_values("rate")
         kind = rate_kind_label(group["rate_kind"].iloc[0])
-        ax.plot(front["rate"], front["distortion"], "-o", color=color, markerfacecolor="white",
-                markersize=5, label=f"{series} (rate: {kind})")
+        ax.plot(front["rate"], front["distortion"], marker="o", linestyle=style, color=color,
+                markerfacecolor="white", markersize=5, label=f"{series} (rate: {kind})")
         hull = front[front["on_hull"].astype(bool)]
         ax.plot(hull["rate"], hull["distortion"], "o", color=color, markersize=5)
     # The low-rate limit -d_z log r belongs to the series whose rows carry one (an exact-rate

@@ -18,6 +18,7 @@ from pipeline.comparison import comparison_lines
 from pipeline.evaluation import TABLE_BETA
 from pipeline.frontier import excluded, exclusion_reason
 from pipeline.paper import PAPER_TABLE_2
+from pipeline.results_tracking import IN_WORDS       # the section MLflow's description quotes
 
 RATE_KIND_LABELS = {"exact": "exact", "analytic_kl": "bound (analytic KL)",
                     "single_sample_bound": "bound (1 sample)"}
@@ -81,7 +82,7 @@ def in_words(evaluation: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
 def report(evaluation: pd.DataFrame, frontier: pd.DataFrame, comparison: pd.DataFrame,
            dataset: str) -> str:
     methods = list(dict.fromkeys(evaluation["method"].astype(str)))
-    parts = [f"# Results on {dataset} (test set, nats)", "", "## In words", "",
+    parts = [f"# Results on {dataset} (test set, nats)", "", IN_WORDS, "",
              *in_words(evaluation, comparison), "",
              "How to read a curve comparison: `a vs b: +x nats of distortion at equal rate over R "
              "in [lo, hi]` is the mean vertical distance of a's lower convex hull above b's over "

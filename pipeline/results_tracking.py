@@ -4,10 +4,17 @@ After the sweep (pipeline.tracking), every trial has a child run with per-epoch 
 module adds what the later stages compute, so that the MLflow UI shows the sweep's result:
 
 - evaluate: into each trial's child run the final test metrics `final_test_rate`,
-  `final_test_distortion`, `final_test_neg_elbo`, `final_test_iwae_neg_log_lik`, `iwae_k` (the
-  last two only where the method has an IWAE bound) and the tag `rate_kind`; and into the
-  sweep's parent run the artifacts evaluation.csv, comparison.csv and metrics.json;
-- frontier: into the parent run frontier.csv, rd_curves.png, reconstructions.png, table.md.
+  `final_test_distortion`, `final_test_neg_elbo`, `final_test_iwae_neg_log_lik` (only where
+  the method has an IWAE bound, with its k as the param `iwae_k`) and `rate_kind` (a param, so
+  it can go on a chart's axis, and a tag); into the sweep's parent run metrics.json's numbers
+  as its metrics (best test -ELBO per method at beta = 1, each pair's curve gaps) and the
+  artifacts evaluation.csv, comparison.csv and metrics.json;
+- frontier: into the parent run frontier.csv, rd_curves.png, reconstructions.png, table.md,
+  and its description (`mlflow.note.content`): table.md's "In words", the R-D figure and how to
+  compare the trials in the UI.
+
+`runs_link` is the address of the sweep's runs table in MLflow's UI, which the sweep and
+frontier stages print.
 
 The child run of a trial is the `mlflow_run_id` column of results/sweep.csv; the parent is that
 run's `mlflow.parentRunId` tag. Re-running a stage adds nothing that is already there: a final
@@ -25,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +44,7 @@ import pandas as pd
 
 from pipeline.cli import EXIT_FAILED, EXIT_OK, entry_point, error
 from pipeline.config import Params
+from pipeline.headline import pair_gaps
 from pipeline.stage_files import DEFAULT_FILES, WRITES, StageFiles, stage_file_names
 from pipeline.trials import TrialStatus
 
@@ -42,10 +52,32 @@ from pipeline.trials import TrialStatus
 # the per-epoch `test_*` history the sweep logs (step = epoch).
 FINAL_METRICS = (("rate", "final_test_rate"), ("distortion", "final_test_distortion"),
                  ("neg_elbo", "final_test_neg_elbo"),
-                 ("iwae_neg_log_lik", "final_test_iwae_neg_log_lik"), ("iwae_k", "iwae_k"))
+                 ("iwae_neg_log_lik", "final_test_iwae_neg_log_lik"))
+FINAL_PARAMS = ("rate_kind", "iwae_k")      # evaluation.csv columns that are settings
 FINAL_TAGS = ("rate_kind",)
 PARENT_TAG = "mlflow.parentRunId"
+SWEEP_UID_TAG = "echo.sweep_uid"              # the sweep's parent and child runs (pipeline.tracking)
+NOTE_TAG = "mlflow.note.content"             # a run's description (markdown) in the UI
+COMMIT_TAG = "mlflow.source.git.commit"
+COLOR_TAG = "mlflow.runColor"
+IN_WORDS = "## In words"                     # the section of table.md the description quotes
+UI_ADDRESS = "http://127.0.0.1:5000"         # `mlflow ui`'s default address
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ("evaluate", "frontier")      # the stages whose results go to MLflow
+
+
+def sweep_hint(params, sweep: pd.DataFrame, root: Path | str = ".") -> str:
+    """ui_hint for a sweep's table (results/sweep.csv): where its runs are in MLflow's UI;
+    without an experiment to name (a store that cannot be read), how to open the UI."""
+    uri = params.tracking.uri
+    try:
+        with _short_http_retries():
+            client = _client(resolve_tracking_uri(uri, Path(root).resolve()))
+            runs = _existing_runs(client, list(_run_ids(sweep).values())[:1])
+            experiment = next(iter(runs.values())).info.experiment_id
+    except Exception:         # noqa: BLE001 -- a hint; the sweep's results are written
+        return f"MLflow: mlflow ui --backend-store-uri {uri}"
+    return ui_hint(uri, experiment)
 
 
 def stage_artifacts(stage: str, files: StageFiles = DEFAULT_FILES) -> tuple[str, ...]:
@@ -62,6 +94,22 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TI
 
 class TrackingUnavailable(RuntimeError):
     """The store cannot be used for these results; the message says why."""
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """The commit checked out in `root` when root is the top of a git work tree (a project
+    copied without .git, e.g. synced to a cluster, has none): each run's
+    `mlflow.source.git.commit`, so that it leads back to its code."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or \
+            Path(lines[0]).resolve() != Path(root).resolve():
+        return None
+    return lines[1]
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -119,10 +167,41 @@ def _existing_runs(client, run_ids) -> dict[str, object]:
     return found
 
 
+def _setting_text(value) -> str | None:
+    """A CSV cell as a param's text ("8", not "8.0"); None when empty."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _changed_metrics(client, run, values: dict[str, float], now: int) -> list:
+    """Metric entries for the finite `values` the run does not already hold as its latest
+    value: a new name at step 0, a changed value one step after its last (so the UI shows the
+    newest), an equal one not at all (a re-run adds nothing)."""
+    from mlflow.entities import Metric
+    metrics = []
+    for name, value in values.items():
+        if value is None or not math.isfinite(value):
+            continue
+        latest = run.data.metrics
+        if name in latest:
+            if math.isclose(latest[name], value, rel_tol=1e-12, abs_tol=0.0):
+                continue
+            step = max(m.step for m in client.get_metric_history(run.info.run_id, name)) + 1
+        else:
+            step = 0
+        metrics.append(Metric(name, value, now, step))
+    return metrics
+
+
 def log_final_metrics(client, evaluation: pd.DataFrame, sweep: pd.DataFrame) -> tuple[int, int]:
-    """Each evaluated trial's final test numbers into its child run, each value once.
-    Returns (child runs that hold them now, trials whose child run is missing)."""
-    from mlflow.entities import Metric, RunTag
+    """Each evaluated trial's final test numbers into its child run, each value once, and how
+    they were obtained (rate_kind, iwae_k) as params. Returns (child runs that hold them now,
+    trials whose child run is missing)."""
+    from mlflow.entities import Param, RunTag
     ids = _run_ids(sweep)
     rows = [r for _, r in evaluation.iterrows()
             if r.get("status") == TrialStatus.COMPLETED and math.isfinite(float(r["neg_elbo"]))]
@@ -134,26 +213,156 @@ def log_final_metrics(client, evaluation: pd.DataFrame, sweep: pd.DataFrame) -> 
         if run is None:
             missing += 1
             continue
-        run_id, latest = run.info.run_id, run.data.metrics
-        metrics = []
-        for column, name in FINAL_METRICS:
-            value = float(row[column]) if pd.notna(row[column]) else math.nan
-            if not math.isfinite(value):
-                continue
-            if name in latest:
-                if math.isclose(latest[name], value, rel_tol=1e-12, abs_tol=0.0):
-                    continue                        # a re-run with the same result
-                # A different result (e.g. other evaluate params): append it as the newest.
-                step = max(m.step for m in client.get_metric_history(run_id, name)) + 1
-            else:
-                step = 0
-            metrics.append(Metric(name, value, now, step))
+        metrics = _changed_metrics(client, run, {
+            name: float(row[column]) if pd.notna(row[column]) else math.nan
+            for column, name in FINAL_METRICS}, now)
         tags = [RunTag(name, str(row[name])) for name in FINAL_TAGS
                 if pd.notna(row.get(name)) and run.data.tags.get(name) != str(row[name])]
-        if metrics or tags:
-            client.log_batch(run_id, metrics=metrics, tags=tags)
+        params = []
+        for name in FINAL_PARAMS:
+            value, held = _setting_text(row.get(name)), run.data.params.get(name)
+            if value is None or held == value:
+                continue
+            if held is None:
+                params.append(Param(name, value))
+            elif run.data.tags.get(name) != value:
+                # MLflow never changes a param: a re-evaluation with another value (another
+                # evaluate.iwae_k) records the newest as a tag of the same name.
+                tags.append(RunTag(name, value))
+        if metrics or tags or params:
+            client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
         logged += 1
     return logged, missing
+
+
+def log_parent_metrics(client, parents: list[str], summary: dict) -> int:
+    """The sweep's headline numbers (pipeline.headline: `neg_elbo.<method>`,
+    `D_gap.<a>_vs_<b>`, ...) as the parent runs' metrics, each value once. Returns how many
+    names it holds."""
+    values = {str(k): float(v) for k, v in summary.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    now = int(time.time() * 1000)
+    for parent, run in _existing_runs(client, parents).items():
+        metrics = _changed_metrics(client, run, values, now)
+        for start in range(0, len(metrics), 1000):              # MLflow's batch limit
+            client.log_batch(parent, metrics=metrics[start:start + 1000])
+    return len(values)
+
+
+def in_words(table_md: str) -> str:
+    """The "In words" section of results/table.md (pipeline.report), without its heading."""
+    lines = table_md.splitlines()
+    if IN_WORDS not in lines:
+        return ""
+    body = lines[lines.index(IN_WORDS) + 1:]
+    end = next((i for i, line in enumerate(body) if line.startswith("## ")), len(body))
+    return "\n".join(body[:end]).strip()
+
+
+COMPARE_CLICKS = (
+    "1. **Chart** (the view switch above the runs table);",
+    "2. the eye icon at the top of the runs column: **Show all runs** (the chart view shows the "
+    "first 10 runs otherwise);",
+    "3. **Add chart** → **Scatter chart**: X axis `final_test_rate`, Y axis "
+    "`final_test_distortion`, **Add chart**.",
+)
+
+
+def description(parent_id: str, table_md: str, rd_curves: str = "rd_curves.png") -> str:
+    """The parent run's description (markdown): what the sweep shows, its R-D figure (served
+    by the same MLflow server: a relative link to the run's artifact), and how to compare the
+    trials in the UI. Kept under MLflow's 8,000-character tag limit."""
+    words = in_words(table_md)
+    figure = f"![R-D curves](get-artifact?path={rd_curves}&run_uuid={parent_id})"
+    tail = ["", figure, "",
+            "**Every trial** is a child run of this one, coloured by method as in the figure, "
+            "with its final test numbers (`final_test_rate`, `final_test_distortion`, "
+            "`final_test_neg_elbo`). Rate against distortion of all of them, from the runs "
+            "table of the experiment (Model training):", "", *COMPARE_CLICKS, "",
+            "Files (Artifacts): `table.md` (tables), `comparison.csv` (curve gaps with their "
+            "intervals), `frontier.csv`, `evaluation.csv`, `reconstructions.png`."]
+    head = "### In words\n\n"
+    room = 8000 - len(head) - len("\n".join(tail)) - 20
+    if len(words) > room:
+        words = words[:room].rsplit("\n", 1)[0] + "\n- … (the rest: `table.md`)"
+    return head + words + "\n" + "\n".join(tail)
+
+
+def describe_parents(client, parents: list[str], table_md: Path) -> bool:
+    """Set each parent run's description from results/table.md (unchanged text: no write)."""
+    if not table_md.is_file():
+        return False
+    text = table_md.read_text()
+    for parent, run in _existing_runs(client, parents).items():
+        note = description(parent, text)
+        if run.data.tags.get(NOTE_TAG) != note:
+            client.set_tag(parent, NOTE_TAG, note)
+    return True
+
+
+# A saved view of the runs page (MLflow 3's "Views" menu): an experiment tag holding the page's
+# state, opened by `?viewStateShareKey=<key>`. Not a documented API (the UI's own format, checked
+# against MLflow 3.17 by tests/test_mlflow_ui.py); a UI that cannot read it opens the plain runs
+# table, and COMPARE_CLICKS build the same chart by hand.
+VIEW_TAG = "mlflow.sharedViewState."
+VIEW_KEY = "echo-rd-rate-distortion"
+RD_AXES = ("final_test_rate", "final_test_distortion")
+
+
+def chart_view_state(sweep_uid: str) -> dict:
+    """The runs page of one sweep (parent and trials) in chart mode, every run shown, with a
+    scatter chart of every trial's final test rate against its distortion."""
+    section = "echo-rd-rate-distortion"
+    scatter = {"uuid": "echo-rd-rd-scatter", "type": "SCATTER", "runsCountToCompare": 10000,
+               "metricSectionId": section, "deleted": False, "isGenerated": False,
+               "xaxis": {"key": RD_AXES[0], "type": "METRIC"},
+               "yaxis": {"key": RD_AXES[1], "type": "METRIC"}}
+    return {"searchFilter": f"tags.`echo.sweep_uid` = '{sweep_uid}'",
+            "orderByKey": "attributes.start_time", "orderByAsc": True, "startTime": "ALL",
+            "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "selectedColumns": [f"metrics.`{m}`" for m in (*RD_AXES, "final_test_neg_elbo")]
+            + ["params.`method`", "params.`beta`"],
+            "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
+            "compareRunCharts": [scatter],
+            "compareRunSections": [{"uuid": section, "name": "Rate-distortion (test set)",
+                                    "display": True, "isReordered": False, "deleted": False,
+                                    "isGenerated": False}],
+            "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+            "useGroupedValuesInCharts": False, "hideEmptyCharts": True, "groupBy": None,
+            "groupsExpanded": {},
+            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0,
+                                      "selectedXAxisMetricKey": ""}}
+
+
+def save_chart_view(client, experiment_id: str, sweep_uid: str, name: str) -> str:
+    """Save chart_view_state as a view of the experiment (replacing this project's earlier
+    one: the newest sweep's). Returns its key."""
+    import base64
+    import zlib
+    state = json.dumps(chart_view_state(sweep_uid), separators=(",", ":"))
+    now = int(time.time() * 1000)
+    value = {"name": name, "createdAt": now, "updatedAt": now,
+             "state": "deflate;" + base64.b64encode(zlib.compress(state.encode())).decode()}
+    client.set_experiment_tag(experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(value))
+    return VIEW_KEY
+
+
+def runs_link(uri: str, experiment_id: str, view: str | None = None) -> str:
+    """The runs page of an experiment in MLflow's UI, with "Model training" chosen (MLflow 3
+    opens an experiment on its GenAI overview), in chart mode with the saved `view` if given:
+    the tracking server itself for an http(s) store, else where `mlflow ui` serves a local
+    store by default."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{link}&compareRunsMode=CHART&viewStateShareKey={view}" if view else link
+
+
+def ui_hint(uri: str, experiment_id: str, view: str | None = None) -> str:
+    """One line: how to open the sweep's runs (the command to serve a local store first)."""
+    link = runs_link(uri, experiment_id, view)
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: {link}"
+    return f"MLflow: `mlflow ui --backend-store-uri {uri}`, then open {link}"
 
 
 def parent_runs(client, sweep: pd.DataFrame) -> list[str]:
@@ -185,7 +394,7 @@ def publish(stage: str, params, root: Path | str = ".",
     uri = resolve_tracking_uri(params.tracking.uri, root.resolve())
     try:
         with _short_http_retries():
-            line, problem = _publish(stage, uri, root, files)
+            line, problem = _publish(stage, uri, root, files, params.tracking.uri)
     except Exception as err:          # noqa: BLE001 -- the files are the results; see above
         line, problem = "", str(err).strip() or type(err).__name__
     if problem:
@@ -200,8 +409,9 @@ def publish(stage: str, params, root: Path | str = ".",
     return True
 
 
-def _publish(stage: str, uri: str, root: Path, files: StageFiles) -> tuple[str, str]:
-    """(what was logged, what could not be: empty when everything was)."""
+def _publish(stage: str, uri: str, root: Path, files: StageFiles,
+             shown_uri: str) -> tuple[str, str]:
+    """(what was logged and where to see it, what could not be: empty when all was)."""
     sweep = pd.read_csv(root / files.sweep_csv)
     client = _client(uri)
     parents = parent_runs(client, sweep)
@@ -215,8 +425,22 @@ def _publish(stage: str, uri: str, root: Path, files: StageFiles) -> tuple[str, 
         done = f"final test metrics of {logged} trials -> their child runs; "
         if missing:
             problem = f"{missing} evaluated trial(s) have no child run in this store"
+        # metrics.json's numbers and every pair's curve gaps (pipeline.headline)
+        summary = json.loads((root / files.metrics_json).read_text()) \
+            if (root / files.metrics_json).is_file() else {}
+        if (root / files.comparison_csv).is_file():
+            summary.update(pair_gaps(pd.read_csv(root / files.comparison_csv)))
+        done += f"{log_parent_metrics(client, parents, summary)} headline metrics, "
+    else:
+        if describe_parents(client, parents, root / files.table_md):
+            done = "description, "
     names = log_parent_artifacts(client, parents, stage_artifacts(stage, files), root)
-    return f"MLflow: {done}{', '.join(names)} -> parent run {', '.join(parents)} ({uri})", problem
+    parent = client.get_run(parents[-1])
+    experiment = parent.info.experiment_id
+    view = save_chart_view(client, experiment, parent.data.tags.get(SWEEP_UID_TAG, ""),
+                           f"{parent.info.run_name}: rate vs distortion")
+    return (f"MLflow: {done}{', '.join(names)} -> parent run {', '.join(parents)} ({uri})\n"
+            f"{ui_hint(shown_uri, experiment, view)}"), problem
 
 
 MAIN_DOC = "Log the evaluate and frontier results already on disk (after the store was down)."

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import fields
 from typing import Callable
 from pathlib import Path
 
@@ -27,15 +28,20 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pipeline.results_tracking import PARENT_TAG
-from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, OPTION_COLUMNS, RECONSTRUCTIONS_FILE,
-                             TrialStatus,
+from echo.methods import method_options
+from echo.train import TrainConfig
+from pipeline.colors import method_color
+from pipeline.results_tracking import (COLOR_TAG, COMMIT_TAG, PARENT_TAG, SWEEP_UID_TAG,
+                                       git_commit)
+from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, TrialStatus,
                              member_folder, member_outcome, member_result, trial_error_text,
                              trial_members)
 
-TRIAL_PARAMS = ("method", "dataset", "arch", "latent_dim", "beta", "seed", "lr", *OPTION_COLUMNS,
-                "epochs", "batch_size")
-SWEEP_UID_TAG = "echo.sweep_uid"
+# A child run's params: every TrainConfig field that shapes the trained model (not where its
+# files are or how it shows progress), then its method's options.
+NOT_PARAMS = ("method_options", "data_root", "prepared", "out", "progress")
+TRIAL_SETTINGS = tuple(f.name for f in fields(TrainConfig) if f.name not in NOT_PARAMS)
+PARENT_PREFIX = "sweep."      # the parent's params (sweep.betas), never mistaken for a trial's
 ROLE_TAG = "echo.role"
 # How long a sweep goes on while its tracking store is unreachable (env
 # ECHO_TRACKING_MAX_OUTAGE_S), and how often the store is tried meanwhile.
@@ -120,11 +126,18 @@ class SweepTracker(tune.Callback):
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=self.sweep_name,
-                tags={SWEEP_UID_TAG: self.sweep_uid, ROLE_TAG: "sweep", "sweep": self.sweep_name})
+                tags={SWEEP_UID_TAG: self.sweep_uid, ROLE_TAG: "sweep", "sweep": self.sweep_name,
+                      **self._source_tags()})
             self.parent_id = run.info.run_id
             self.client.log_batch(self.parent_id, params=[
-                Param(k, _param_text(v)) for k, v in self.parent_params.items()])
+                Param(PARENT_PREFIX + k, _param_text(v)) for k, v in self.parent_params.items()])
         return self
+
+    def _source_tags(self) -> dict[str, str]:
+        """The commit of the code that runs the sweep, where it is a git checkout."""
+        if not hasattr(self, "_commit"):
+            self._commit = git_commit()
+        return {COMMIT_TAG: self._commit} if self._commit else {}
 
     def _experiment_id(self) -> str:
         """Find or create the experiment. Another sweep's driver may create it between the
@@ -191,9 +204,10 @@ class SweepTracker(tune.Callback):
                       ROLE_TAG: "trial", "trial_id": trial_id, "method": config["method"],
                       "dataset": config["dataset"], "beta": _param_text(config["beta"]),
                       "seed": _param_text(config.get("seed")),
-                      "status": TrialStatus.RUNNING}).info.run_id
+                      "status": TrialStatus.RUNNING, COLOR_TAG: method_color(config["method"]),
+                      **self._source_tags()}).info.run_id
             self.client.log_batch(run_id, params=[
-                Param(k, _param_text(config.get(k))) for k in TRIAL_PARAMS])
+                Param(k, _param_text(v)) for k, v in trial_params(config).items()])
             self._last_step[trial_id] = 0
         self._children[trial_id] = run_id
         return run_id
@@ -389,6 +403,15 @@ def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+def trial_params(config: dict) -> dict:
+    """A trial's params: every training setting (TRIAL_SETTINGS: the trial's value, else
+    TrainConfig's default) and its method's options (echo.method_options' defaults, then
+    params.yaml's and the searched ones): a method's options only on its own runs."""
+    defaults = TrainConfig()
+    settings = {name: config.get(name, getattr(defaults, name)) for name in TRIAL_SETTINGS}
+    return {**settings, **method_options(config["method"]), **config.get("options", {})}
 
 
 def _param_text(value) -> str:

@@ -29,6 +29,7 @@ def progress_option(parser: argparse.ArgumentParser) -> None:
 @entry_point("python -m stages.sweep", __doc__, files=stage_file_names("sweep"),
              options=progress_option)
 def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
+    from pipeline.results_tracking import sweep_hint
     from pipeline.sweep import SweepError, run_sweep     # Ray loads only after params are valid
     try:
         table = run_sweep(params, Path.cwd(), files=files, verbose=args.verbose)
@@ -36,7 +37,8 @@ def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
         return error(str(err))
     counts = table["status"].value_counts().to_dict()
     print(f"{len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) "
-          f"-> {files.sweep_csv}; MLflow: mlflow ui --backend-store-uri {params.tracking.uri}")
+          f"-> {files.sweep_csv}")
+    print(sweep_hint(params, table))        # the link to the sweep's runs in MLflow's UI
     return EXIT_OK
 
 

@@ -143,7 +143,7 @@ def test_table_2_puts_the_paper_beside_the_best_trial_at_beta_1():
     assert "e3" in echo_row and echo_row.rstrip(" |").endswith("26.8 | 61.9 | 88.7")
     assert "91.0 (100)" in next(line for line in text.splitlines() if line.startswith("| vae |"))
     assert "`v4` (nonfinite): non-finite training loss at epoch 3" in text
-    assert metrics_summary(evaluation)["best_test_neg_elbo"]["echo"]["neg_elbo"] == 88.0
+    assert metrics_summary(evaluation)["neg_elbo.echo"] == 88.0
     # No paper columns for a data set the paper did not use.
     assert "paper R" not in report(evaluation, frontier_table(evaluation), comparison, "digits")
     # One line per pair in words, Echo first, with the provenance of the two rates.

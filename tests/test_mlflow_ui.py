@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.config import Params  # noqa: E402
 from pipeline.results_tracking import (EVALUATE_ARTIFACTS, FRONTIER_ARTIFACTS,  # noqa: E402
-                                       PARENT_TAG, publish)
+                                       NOTE_TAG, PARENT_TAG, publish)
 
 TRIALS = ("echo_b1_mlp_z4", "vae_b1_mlp_z4")
 
@@ -85,7 +86,16 @@ def fake_sweep(root: Path) -> tuple[MlflowClient, str, dict[str, str]]:
         root / "results/evaluation.csv", index=False)
     for name in EVALUATE_ARTIFACTS[1:] + FRONTIER_ARTIFACTS:
         (root / name).write_text(f"content of {name}\n")
+    (root / "metrics.json").write_text(json.dumps(HEADLINE))
+    (root / "results/table.md").write_text(TABLE_MD)
     return client, parent, children
+
+
+HEADLINE = {"neg_elbo.echo": 34.25, "neg_elbo.vae": 34.25, "distortion_gap.echo_vs_vae": -1.5,
+            "rate_gap.echo_vs_vae": 0.25}
+IN_WORDS_LINES = ("- At β = 1 the lowest test −ELBO is echo's.", "- **echo vs vae**: -1.50 nats")
+TABLE_MD = "\n".join(["# Results", "", "## In words", "", *IN_WORDS_LINES, "",
+                      "## Best −ELBO per method", "", "| method |", ""])
 
 
 def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monkeypatch, capsys):
@@ -100,24 +110,35 @@ def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monke
     assert histories(client, vae) == {
         "test_neg_elbo": [(1, 39.0), (2, 38.0)],           # the sweep's epochs, untouched
         "final_test_rate": [(0, 4.5)], "final_test_distortion": [(0, 29.75)],
-        "final_test_neg_elbo": [(0, 34.25)], "final_test_iwae_neg_log_lik": [(0, 32.5)],
-        "iwae_k": [(0, 8.0)]}
-    # Echo has no IWAE bound: no such metric rather than a NaN
+        "final_test_neg_elbo": [(0, 34.25)], "final_test_iwae_neg_log_lik": [(0, 32.5)]}
+    # How the numbers were obtained are settings: params (rate_kind also a tag).
+    assert client.get_run(vae).data.params == {"rate_kind": "analytic_kl", "iwae_k": "8"}
+    # Echo has no IWAE bound: no such metric (nor k) rather than a NaN
     assert set(histories(client, echo)) == {"test_neg_elbo", "final_test_rate",
                                            "final_test_distortion", "final_test_neg_elbo"}
+    assert client.get_run(echo).data.params == {"rate_kind": "exact"}
     assert client.get_run(echo).data.tags["rate_kind"] == "exact"
+    # The parent: metrics.json's numbers as metrics, once; table.md's "In words" and the
+    # R-D figure (served by the same server) as its description.
+    assert histories(client, parent) == {k: [(0, v)] for k, v in HEADLINE.items()}
+    note = client.get_run(parent).data.tags[NOTE_TAG]
+    assert all(line in note for line in IN_WORDS_LINES) and "Best −ELBO" not in note
+    assert f"(get-artifact?path=rd_curves.png&run_uuid={parent})" in note
     assert artifacts(client, parent) == sorted(Path(f).name for f in
                                                EVALUATE_ARTIFACTS + FRONTIER_ARTIFACTS)
     assert all(artifacts(client, c) == [] for c in children.values())
 
-    # A changed result (other evaluate params) is appended as the newest, the rest kept.
+    # A changed result (other evaluate params) is appended as the newest, the rest kept; a
+    # param never changes: the newest k is a tag of the same name.
     evaluation = pd.read_csv("results/evaluation.csv")
-    evaluation.loc[1, "neg_elbo"] = 33.0
+    evaluation.loc[1, ["neg_elbo", "iwae_k"]] = [33.0, 16]
     evaluation.to_csv("results/evaluation.csv", index=False)
     before = store_state(client, [echo, parent])
     assert publish("evaluate", params)
     assert histories(client, vae)["final_test_neg_elbo"] == [(0, 34.25), (1, 33.0)]
     assert client.get_run(vae).data.metrics["final_test_neg_elbo"] == 33.0
+    assert client.get_run(vae).data.params["iwae_k"] == "8"
+    assert client.get_run(vae).data.tags["iwae_k"] == "16"
     assert store_state(client, [echo, parent]) == before
 
     # Unreachable stores: one warning line each, nothing raised, no empty store created.
