@@ -71,6 +71,13 @@ def _load_error_reason(err: Exception) -> str:
     text = str(err)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+    elif text.startswith("Weights only load failed"):
+        # torch >= 2.6: a paragraph of advice (to load with weights_only=False, which would run
+        # the file's code), then the reason, then a pointer to the docs: keep the reason.
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        reasons = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")]
+        text = ("it holds a pickled object that is not plain data: "
+                + (reasons[0] if reasons else "refused by the weights-only loader"))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else "unreadable"
 

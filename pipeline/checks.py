@@ -4,8 +4,10 @@ Ray would have, the data, and a write in every output folder.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from echo.data import DataError
@@ -22,8 +24,11 @@ from pipeline.trials import ARTIFACT_DIR, grid_points
 
 def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     """Fail before Ray starts: the device must exist here (for a local Ray), the data must
-    load and hold at least one batch, and every output folder must take a write."""
+    load and hold at least one batch, the experiment folder must lie outside the stage's
+    outputs, every output folder must take a write and a SQLite tracking store must be
+    intact and writable."""
     check_device(params)
+    check_experiment_place(params, root, files)
     base = trial_base(params, root)
     cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0]})
     try:
@@ -36,6 +41,66 @@ def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
         raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
                          f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
     check_outputs(params, root, files)
+    check_tracking_store(params, root)
+
+
+def check_experiment_place(params: Params, root: Path, files: StageFiles) -> None:
+    """`<sweep.storage_path>/<sweep.name>` must not be, lie in or hold a DVC output of the
+    stages (`storage_path: results` + `name: checkpoints` is the sweep's own checkpoints
+    folder, which the stage swaps for a new one: the Tune experiment would be deleted)."""
+    if "://" in params.sweep.storage_path:
+        return
+    experiment = Path(storage_uri(params, root)) / params.sweep.name
+    outs = [root / getattr(files, f.name) for f in fields(StageFiles)]
+    for out in outs:
+        out = out.resolve()
+        if out == experiment or out in experiment.parents or experiment in out.parents:
+            raise SweepError(
+                f"sweep.storage_path={params.sweep.storage_path!r} with sweep.name="
+                f"{params.sweep.name!r} puts the Tune experiment at {experiment}, "
+                f"{'inside' if out in experiment.parents or out == experiment else 'around'} "
+                f"the stage output {out.relative_to(root) if root in out.parents else out}, "
+                f"which the stages replace; choose a storage_path outside the outputs "
+                f"(e.g. ray_results)")
+
+
+def check_tracking_store(params: Params, root: Path) -> None:
+    """A SQLite store that exists must be an intact database this process can write, found
+    now, before the old experiment is archived or anything trains (else: tracebacks after Ray
+    started). A missing one is fine: MLflow creates it."""
+    import sqlite3
+    uri = resolve_tracking_uri(params.tracking.uri, root)
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not db.exists():
+        return
+    fix = (f"restore it from a backup, or move it away (MLflow creates a new store and a "
+           f"rerun writes the sweep's runs into it) and run the stage again")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True,
+                                                timeout=30)) as con:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+            if rows != [("ok",)]:
+                raise sqlite3.DatabaseError(str(rows[0][0]) if rows else "no answer")
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+            if names and "runs" not in names:
+                raise sqlite3.DatabaseError("not an MLflow store (no runs table)")
+            try:
+                # a write that is rolled back: a read-only file (root ignores permission bits,
+                # not a read-only mount or the immutable attribute) fails here
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("CREATE TABLE echo_write_probe (x)")
+            finally:
+                con.rollback()
+    except sqlite3.OperationalError as err:
+        if "readonly" in str(err) or "read-only" in str(err) or "unable to open" in str(err):
+            raise SweepError(f"tracking.uri: {db} cannot be written ({err}); make it writable "
+                             f"(or point tracking.uri elsewhere) and run the stage again; "
+                             f"nothing was started") from None
+        raise SweepError(f"tracking.uri: {db} is damaged ({err}); {fix}") from None
+    except sqlite3.DatabaseError as err:
+        raise SweepError(f"tracking.uri: {db} is damaged ({err}); {fix}") from None
 
 
 def check_device(params: Params) -> None:
@@ -94,10 +159,23 @@ def output_folders(params: Params, root: Path, files: StageFiles) -> list[tuple[
 
 def check_outputs(params: Params, root: Path, files: StageFiles) -> None:
     """Every output folder takes a file of PROBE_BYTES now (read-only, full, or a file where
-    the folder should be), instead of an OSError after every trial trained."""
+    the folder should be), instead of an OSError after every trial trained. Folders made for
+    the probe are removed again (a refusal leaves nothing behind; the sweep makes them)."""
+    made: list[Path] = []
+    try:
+        _probe_outputs(params, root, files, made)
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _probe_outputs(params: Params, root: Path, files: StageFiles, made: list[Path]) -> None:
     for what, folder in output_folders(params, root, files):
         try:
+            missing = [p for p in (folder, *folder.parents) if not p.exists()]
             folder.mkdir(parents=True, exist_ok=True)
+            made.extend(reversed(missing))
             fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
             try:
                 with os.fdopen(fd, "wb") as fh:

@@ -290,11 +290,32 @@ class TrackingParams(Strict):
     @field_validator("uri")
     @classmethod
     def known_scheme(cls, v: str) -> str:
-        scheme = v.split(":", 1)[0].split("+", 1)[0].lower() if "://" in v or v.startswith(
-            "databricks") else ""
-        if not v.strip() or (scheme and scheme not in TRACKING_SCHEMES):
+        if has_credentials(v):
+            # It would be written to dvc.lock, the logs and Tune's pickled state.
+            scheme = v.split(":", 1)[0].split("+", 1)[0].lower()
+            where = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                     "MLFLOW_TRACKING_TOKEN) in the environment, where MLflow reads them"
+                     if scheme in ("http", "https") else
+                     "give the password to the database client outside params.yaml (e.g. "
+                     "PGPASSWORD or ~/.pgpass for PostgreSQL, an option file for MySQL)")
+            raise ValueError(f"tracking.uri embeds a user name or password ('user:password@'), "
+                             f"which would be written to dvc.lock, logs and the sweep's files; "
+                             f"remove it from the URI and {where}")
+        if v.startswith("databricks"):
+            scheme = v.split(":", 1)[0].lower()
+        elif "://" in v:
+            scheme = v.split(":", 1)[0].split("+", 1)[0].lower()
+        else:
+            # MLflow would read `localhost:5000` as scheme `localhost`, and a bare file name as a
+            # folder store: neither is what was meant.
+            hint = (f"http://{v}" if re.fullmatch(r"[\w.-]+:\d+(/.*)?", v.strip()) else
+                    f"sqlite:///{v}" if v.strip().endswith((".db", ".sqlite", ".sqlite3")) else
+                    f"file:///<absolute path of {v}>")
+            raise ValueError(f"tracking.uri {v!r} is not a URI; write {hint} "
+                             f"(schemes: {', '.join(TRACKING_SCHEMES)})")
+        if not v.strip() or scheme not in TRACKING_SCHEMES:
             raise ValueError(f"tracking.uri {v!r} has an unknown scheme; use e.g. "
-                             f"sqlite:///mlflow.db, http://127.0.0.1:5000 or a folder path "
+                             f"sqlite:///mlflow.db, http://127.0.0.1:5000 or file:///abs/folder "
                              f"(schemes: {', '.join(TRACKING_SCHEMES)})")
         return v
 
@@ -403,11 +424,24 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: " + format_validation_error(err)) from None
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]*)@")
+
+
+def has_credentials(uri: str) -> bool:
+    """A URI with a user name or password before its host (`scheme://user:pw@host`)."""
+    return bool(_USERINFO.search(uri))
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with every URI's `user:password@` replaced by `***@`."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: field path, the value given and what is allowed."""
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         given = e.get("input")
-        lines.append(f"{field}: {e['msg']} (got {given!r})")
+        lines.append(f"{field}: {e['msg']} (got {redact_credentials(repr(given))})")
     return "; ".join(lines)

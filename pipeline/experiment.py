@@ -1,12 +1,28 @@
 """A sweep's Tune experiment folder, `<sweep.storage_path>/<sweep.name>`: where it is, the lock
-one driver holds while it runs it, and the uid + settings (STATE_FILE) that decide whether a
-rerun resumes it or archives it and starts anew.
+one driver holds while it runs it, the uid + settings (STATE_FILE) that decide whether a
+rerun resumes it or archives it and starts anew, and the signing of the state Tune pickles
+into it (`signed_storage`).
+
+Tune's restore unpickles files of the experiment folder (`tuner.pkl`, `searcher-state-*.pkl`,
+`search_gen_state-*.json`, `experiment_state-*.json` with pickled values): anyone who can
+write there (a shared NFS or S3 folder, as docs/sweep.md recommends for clusters) could run
+code in the driver. Every such file Tune writes goes through `SignedStateFileSystem`, which
+prefixes it with an HMAC-SHA256 under a key kept outside the experiment folder
+(`state_key_file()`: `$ECHO_STATE_KEY_FILE`, default `~/.config/echo-rd/sweep-state.key`,
+created 0600 on first use), and every such file Tune reads back is verified before one byte
+of it reaches a pickle: a file without a valid signature is refused (`verify_experiment_state`
+names it in one line before Tune is called).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import io
 import json
 import os
+import posixpath
+import secrets
 import socket
 import sys
 import time
@@ -93,15 +109,24 @@ def experiment_lock(storage: str, name: str):
         lock.release()
 
 
-def stored_uid(experiment: str) -> str | None:
-    """The uid in an experiment folder's STATE_FILE, None if it has none."""
+def _stored(experiment: str, key: str):
     fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
                                               else Path(experiment).as_uri())
     try:
         with fs.open_input_stream(f"{path}/{STATE_FILE}") as fh:
-            return json.loads(fh.read().decode())["uid"]
-    except (OSError, ValueError, KeyError):
+            return json.loads(fh.read().decode())[key]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def stored_uid(experiment: str) -> str | None:
+    """The uid in an experiment folder's STATE_FILE, None if it has none."""
+    return _stored(experiment, "uid")
+
+
+def stored_settings(experiment: str) -> dict | None:
+    """The settings (`fingerprint`) an experiment folder was started with, None if unknown."""
+    return _stored(experiment, "settings")
 
 
 def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
@@ -132,3 +157,249 @@ def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
         fh.write(json.dumps({"uid": uid, "settings": settings}, indent=1).encode())
     fs.move(state_path + ".tmp", state_path)
     return uid, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed experiment state
+# ---------------------------------------------------------------------------------------------
+
+KEY_FILE_ENV = "ECHO_STATE_KEY_FILE"
+DEFAULT_KEY_FILE = "~/.config/echo-rd/sweep-state.key"
+SIGNATURE_MAGIC = b"echo-rd-hmac-sha256:"     # + 64 hex digits + b"\n" + the file's bytes
+
+
+class StateSignatureError(OSError):
+    """A file of the experiment's Tune state is unsigned or its signature does not match."""
+
+
+def state_key_file() -> Path:
+    """Where the key that signs experiment state lives: outside every experiment folder."""
+    return Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE).expanduser().resolve()
+
+
+def state_key(path: Path | None = None) -> bytes:
+    """The signing key (32 random bytes, hex in `path`); created, readable by its owner only,
+    the first time."""
+    path = path or state_key_file()
+    for _ in range(2):
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+            if len(key) < 16:
+                raise ValueError("too short")
+            return key
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue                   # another driver created it: read it
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+        except ValueError:
+            raise SweepError(f"{path}: not a state signing key (64 hex digits); remove it (a new "
+                             f"key is made, and experiments signed with the old one no longer "
+                             f"resume) or set ${KEY_FILE_ENV} to the right file") from None
+    return bytes.fromhex(path.read_text().strip())
+
+
+def is_state_file(name: str) -> bool:
+    """The files at the top of an experiment folder that Tune's restore reads (it downloads
+    every `*.json` and `*.pkl` there), except STATE_FILE (plain JSON, read by `json` here)."""
+    return name.endswith((".json", ".pkl")) and name != STATE_FILE
+
+
+def _mac(key: bytes, name: str, data: bytes) -> str:
+    return hmac.new(key, name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+
+
+def sign_state(key: bytes, name: str, data: bytes) -> bytes:
+    return SIGNATURE_MAGIC + _mac(key, name, data).encode() + b"\n" + data
+
+
+def unsign_state(key: bytes, name: str, signed: bytes, where: str) -> bytes:
+    """The bytes of a signed state file; StateSignatureError if it is not signed by `key`."""
+    head = len(SIGNATURE_MAGIC) + 65
+    if not signed.startswith(SIGNATURE_MAGIC) or signed[head - 1:head] != b"\n":
+        raise StateSignatureError(f"{where}: not signed by this project's sweep driver")
+    mac, data = signed[len(SIGNATURE_MAGIC):head - 1].decode("ascii", "replace"), signed[head:]
+    if not hmac.compare_digest(mac, _mac(key, name, data)):
+        raise StateSignatureError(f"{where}: its signature does not match its content (changed "
+                                  f"after this project's sweep driver wrote it, or signed with "
+                                  f"another key than {state_key_file()})")
+    return data
+
+
+class _SigningWriter(io.RawIOBase):
+    """Collects what Tune writes to a state file; on close writes it signed, in one write."""
+
+    def __init__(self, handler: "SignedStateFileSystem", path: str, metadata):
+        self.handler, self.path, self.metadata = handler, path, metadata
+        self.buffer = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            data = sign_state(self.handler.key, posixpath.basename(self.path),
+                              self.buffer.getvalue())
+            with self.handler.base.open_output_stream(self.path, metadata=self.metadata) as out:
+                out.write(data)
+        super().close()
+
+
+class SignedStateFileSystem(pyarrow.fs.FileSystemHandler):
+    """A pyarrow file system (`pyarrow.fs.PyFileSystem(SignedStateFileSystem(...))`) over the
+    storage's own, for Tune's `storage_filesystem`: the state files (`is_state_file`) at the
+    top of `experiment` are signed when written and verified when read; everything else (the
+    trials' checkpoints, written by the workers, which need no key) passes through. The key is
+    read from `key_file` when first needed, never pickled: Tune pickles this file system into
+    its experiment state."""
+
+    def __init__(self, base: pyarrow.fs.FileSystem, experiment: str, key_file: str):
+        self.base, self.key_file = base, key_file
+        self.experiment = posixpath.normpath(experiment)
+        self._key: bytes | None = None
+
+    def __reduce__(self):
+        return SignedStateFileSystem, (self.base, self.experiment, self.key_file)
+
+    @property
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = state_key(Path(self.key_file))
+        return self._key
+
+    def _state(self, path: str) -> bool:
+        parent, name = posixpath.split(posixpath.normpath(path))
+        return parent == self.experiment and is_state_file(name)
+
+    def __eq__(self, other):
+        return isinstance(other, SignedStateFileSystem) and \
+            (self.base, self.experiment) == (other.base, other.experiment)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def get_type_name(self):
+        return f"echo-signed+{self.base.type_name}"
+
+    def normalize_path(self, path):
+        return self.base.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.base.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.base.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.base.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.base.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.base.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.base.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.base.delete_file(path)
+
+    def move(self, src, dest):
+        self.base.move(src, dest)
+
+    def copy_file(self, src, dest):
+        if self._state(src) or self._state(dest):
+            with self.open_input_stream(src) as fh:
+                data = fh.read()
+            with self.open_output_stream(dest, None) as out:
+                out.write(data)
+        else:
+            self.base.copy_file(src, dest)
+
+    def _verified(self, path):
+        with self.base.open_input_stream(path) as fh:
+            signed = fh.read()
+        return pyarrow.BufferReader(unsign_state(self.key, posixpath.basename(path), signed,
+                                                 path))
+
+    def open_input_stream(self, path):
+        return self._verified(path) if self._state(path) else self.base.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self._verified(path) if self._state(path) else self.base.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        if self._state(path):
+            return pyarrow.PythonFile(_SigningWriter(self, path, metadata), mode="w")
+        return self.base.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        if self._state(path):
+            raise StateSignatureError(f"{path}: a signed state file cannot be appended to")
+        return self.base.open_append_stream(path, metadata=metadata)
+
+
+def signed_storage(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(file system, path in it) of the storage `storage` (a folder or a URI) whose experiment
+    `name`'s state files are signed and verified: Tune's `storage_filesystem` and
+    `storage_path`."""
+    base, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage
+                                                else Path(storage).as_uri())
+    handler = SignedStateFileSystem(base, f"{path.rstrip('/')}/{name}", str(state_key_file()))
+    return pyarrow.fs.PyFileSystem(handler), path
+
+
+def verify_experiment_state(experiment: str) -> None:
+    """Every state file Tune's restore would unpickle from `experiment` carries this project's
+    signature; else SweepError in one line naming the file, before Tune reads anything."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
+                                              else Path(experiment).as_uri())
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    key = None
+    for info in sorted(infos, key=lambda i: i.base_name):
+        if info.type != pyarrow.fs.FileType.File or not is_state_file(info.base_name):
+            continue
+        key = key or state_key()
+        with fs.open_input_stream(info.path) as fh:
+            signed = fh.read()
+        try:
+            unsign_state(key, info.base_name, signed, f"{experiment}/{info.base_name}")
+        except StateSignatureError as err:
+            raise SweepError(
+                f"{err}; nothing was loaded from it (Tune would unpickle it, which can run "
+                f"code). If this folder is yours and was written before state signing, sign it "
+                f"with `python -m pipeline.experiment sign {experiment}`; otherwise move the "
+                f"folder away and run the stage again (a new sweep starts)") from None
+
+
+def sign_experiment(experiment: str) -> list[str]:
+    """Sign the unsigned state files of an experiment folder its owner trusts (one written
+    before state signing); returns their names."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
+                                              else Path(experiment).as_uri())
+    key, signed = state_key(), []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
+        if info.type != pyarrow.fs.FileType.File or not is_state_file(info.base_name):
+            continue
+        with fs.open_input_stream(info.path) as fh:
+            data = fh.read()
+        if data.startswith(SIGNATURE_MAGIC):
+            continue
+        with fs.open_output_stream(info.path) as out:
+            out.write(sign_state(key, info.base_name, data))
+        signed.append(info.base_name)
+    return signed
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "sign":
+        sys.exit("usage: python -m pipeline.experiment sign <storage_path>/<sweep.name>")
+    names = sign_experiment(sys.argv[2])
+    print(f"signed {len(names)} state file(s) of {sys.argv[2]}: {', '.join(names) or '-'}")

@@ -25,8 +25,9 @@ from ray.tune.search import ConcurrencyLimiter
 from echo.files import atomic_write
 from pipeline.checks import check_inputs, check_local_gpus
 from pipeline.config import Params
-from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, storage_uri,
-                                 stored_uid)
+from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, signed_storage,
+                                 storage_uri, stored_settings, stored_uid,
+                                 verify_experiment_state)
 from pipeline.results_tracking import resolve_tracking_uri
 from pipeline.search import GridOptunaSearch, GridPointASHA, search_space
 from pipeline.stage_files import DEFAULT_FILES, StageFiles
@@ -98,10 +99,15 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_local_gpus(params)            # before Ray starts: seconds, not a hang
     with experiment_lock(storage, sweep.name):
-        started = connect_ray()
+        started = False
         try:
             previous = stored_uid(experiment)
-            uid, resumable = experiment_uid(experiment, fingerprint(params, root))
+            settings = fingerprint(params, root)
+            if stored_settings(experiment) == settings:
+                # To be resumed: Tune's state there is verified before anything starts
+                # (Tune would unpickle it; the folder may be shared).
+                verify_experiment_state(experiment)
+            uid, resumable = experiment_uid(experiment, settings)
             tracker = SweepTracker(
                 resolve_tracking_uri(params.tracking.uri, root), params.tracking.experiment,
                 sweep.name, uid, artifact_root=root / ARTIFACT_DIR,
@@ -115,6 +121,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
                 # The params changed and the old experiment was archived: its runs still open
                 # (a killed or interrupted driver) will never be resumed; close them.
                 tracker.close_sweep(previous)
+            started = connect_ray()
             return _fit_and_collect(params, root, files, experiment, storage, resumable,
                                     tracker, callbacks, verbose)
         except Exception as err:
@@ -137,15 +144,22 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
     all_callbacks = [tracker, statuses, *callbacks]
     trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
                                                   "gpu": sweep.resources.gpu})
-    if resumable and tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+    # Tune's state files in the experiment folder are signed when written and verified
+    # before they are unpickled (pipeline.experiment: the folder may be shared).
+    fs, fs_storage = signed_storage(storage, sweep.name)
+    fs_experiment = f"{fs_storage.rstrip('/')}/{sweep.name}"
+    if resumable and tune.Tuner.can_restore(fs_experiment, storage_filesystem=fs):
+        verify_experiment_state(experiment)     # again: the folder may have changed since
+        tuner = tune.Tuner.restore(fs_experiment, trainable, resume_errored=True,
+                                   storage_filesystem=fs)
         # The run config (callbacks included) is restored from the pickled first run; use
         # this run's callbacks, with the tracker connected to the current store, and this
         # run's max_concurrent / max_failures / checkpointing (docs/sweep.md: they may change).
         apply_resume_knobs(tuner, params, root, all_callbacks)
     else:
         run_config = tune.RunConfig(
-            name=sweep.name, storage_path=storage, verbose=verbose, callbacks=all_callbacks,
+            name=sweep.name, storage_path=fs_storage, storage_filesystem=fs, verbose=verbose,
+            callbacks=all_callbacks,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             # Tune snapshots its state whenever a trial has saved num_to_keep checkpoints:
             # 4 keeps that rare.
