@@ -260,15 +260,18 @@ def in_words(table_md: str) -> str:
 
 
 COMPARE_CLICKS = (
-    "1. **Chart** (the view switch above the runs table);",
-    "2. the eye icon at the top of the runs column: **Show all runs** (the chart view shows the "
-    "first 10 runs otherwise);",
-    "3. **Add chart** → **Scatter chart**: X axis `final_test_rate`, Y axis "
-    "`final_test_distortion`, **Add chart**.",
+    "- the link the evaluate and frontier stages print opens the saved view "
+    "\"{name}: rate vs distortion\" (also in the **Views** menu of the experiment's runs "
+    "page): unfold this run (the ⊞ before its name) and its scatter chart shows every trial;",
+    "- by hand, from the experiment's runs page (**Model training**): unfold this run, "
+    "**Chart** (the view switch above the table), the eye icon's **Show all runs** (the charts "
+    "show the first 10 runs otherwise), then **Add chart** → **Scatter chart**, X axis "
+    "`final_test_rate`, Y axis `final_test_distortion`, **Add chart**.",
 )
 
 
-def description(parent_id: str, table_md: str, rd_curves: str = "rd_curves.png") -> str:
+def description(parent_id: str, table_md: str, name: str = "sweep",
+                rd_curves: str = "rd_curves.png") -> str:
     """The parent run's description (markdown): what the sweep shows, its R-D figure (served
     by the same MLflow server: a relative link to the run's artifact), and how to compare the
     trials in the UI. Kept under MLflow's 8,000-character tag limit."""
@@ -277,8 +280,8 @@ def description(parent_id: str, table_md: str, rd_curves: str = "rd_curves.png")
     tail = ["", figure, "",
             "**Every trial** is a child run of this one, coloured by method as in the figure, "
             "with its final test numbers (`final_test_rate`, `final_test_distortion`, "
-            "`final_test_neg_elbo`). Rate against distortion of all of them, from the runs "
-            "table of the experiment (Model training):", "", *COMPARE_CLICKS, "",
+            "`final_test_neg_elbo`). Rate against distortion of all of them:", "",
+            *(line.replace("{name}", name) for line in COMPARE_CLICKS), "",
             "Files (Artifacts): `table.md` (tables), `comparison.csv` (curve gaps with their "
             "intervals), `frontier.csv`, `evaluation.csv`, `reconstructions.png`."]
     head = "### In words\n\n"
@@ -294,7 +297,7 @@ def describe_parents(client, parents: list[str], table_md: Path) -> bool:
         return False
     text = table_md.read_text()
     for parent, run in _existing_runs(client, parents).items():
-        note = description(parent, text)
+        note = description(parent, text, run.info.run_name)
         if run.data.tags.get(NOTE_TAG) != note:
             client.set_tag(parent, NOTE_TAG, note)
     return True

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from system_tools import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = ("cluster.yaml", "cluster-onprem.yaml")
@@ -179,9 +180,9 @@ def ssh_head(tmp_path: Path):
     home, `ray stop` (which kills every Ray process it can see) sees only the head's, and Ray
     programs elsewhere on this machine do not find the head's cluster in /tmp/ray. Stopping it
     ends the namespace, which ends every process started in it (Ray included)."""
-    for tool in ("/usr/sbin/sshd", "unshare", "rsync", "ssh"):
-        if not shutil.which(tool):
-            pytest.fail(f"{tool} is missing: .ci/run installs openssh-server and rsync")
+    for tool, package in (("/usr/sbin/sshd", "openssh-server"), ("unshare", "util-linux"),
+                          ("rsync", "rsync"), ("ssh", "openssh-client")):
+        require_tool(tool, package)         # skipped without it; a failure in CI (ECHO_CI)
     if os.geteuid() != 0:
         pytest.skip("the SSH head needs root (mount and PID namespaces)")
     ssh = tmp_path / "ssh"
