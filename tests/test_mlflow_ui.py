@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from system_tools import chromium
 
 pytest.importorskip("mlflow")
 
@@ -155,15 +155,14 @@ def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monke
 # ---- slow: a real tiny pipeline, a real `mlflow ui`, a real browser --------------------------
 
 
-def chromium() -> str | None:
-    return next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and
-                 os.access(p, os.X_OK)), None)
+UI_TRIALS = {"echo_b1_mlp_z4": "echo", "vae_b1_mlp_z4": "vae", "infovae_b1_mlp_z4": "infovae"}
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory) -> Path:
-    """prepare -> sweep -> evaluate -> frontier, in-process in a tmp project: echo and vae,
-    beta 1, one seed, one epoch on 150 images."""
+def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
+    """prepare -> sweep -> evaluate -> frontier, in-process in a tmp project (a git checkout):
+    echo, vae and infovae at beta 1, one seed, one epoch on 150 images. Returns the project and
+    what the frontier stage printed."""
     from stages.evaluate import main as evaluate_main
     from stages.frontier import main as frontier_main
     from stages.prepare import main as prepare_main
@@ -173,9 +172,9 @@ def pipeline_run(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump({
         "data": {"dataset": "digits"},
         "train": {"epochs": 1, "batch_size": 50, "lr": 0.003, "device": "cpu"},
-        "sweep": {"name": "ui", "methods": ["echo", "vae"], "betas": [1.0], "archs": ["mlp"],
-                  "latent_dims": [4], "seeds": [0], "max_concurrent": 2, "train_limit": 150,
-                  "test_limit": 60},
+        "sweep": {"name": "ui", "methods": ["echo", "vae", "infovae"], "betas": [1.0],
+                  "archs": ["mlp"], "latent_dims": [4], "seeds": [0], "max_concurrent": 2,
+                  "train_limit": 150, "test_limit": 60},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "ui"},
         "evaluate": {"iwae_k": 8, "test_limit": 60},
         "frontier": {"recon_samples": 2}}))
@@ -184,8 +183,10 @@ def pipeline_run(tmp_path_factory) -> Path:
         assert prepare_main([]) == 0
         assert sweep_main(["--verbose", "0"]) == 0
         assert evaluate_main([]) == 0
-        assert frontier_main([]) == 0
-    return root
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert frontier_main([]) == 0
+    return root, printed.getvalue()
 
 
 @contextlib.contextmanager
@@ -226,52 +227,107 @@ def mlflow_ui(db: Path):
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_the_child_runs_and_their_final_test_numbers(pipeline_run):
+def test_every_run_records_its_settings_its_commit_and_its_colour(pipeline_run):
+    from echo.methods import method_options
+    from pipeline.colors import method_color
+    from pipeline.results_tracking import COLOR_TAG, COMMIT_TAG, git_commit
+    from pipeline.tracking import TRIAL_SETTINGS
+
+    root, _ = pipeline_run
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    sweep = pd.read_csv(root / "results/sweep.csv").set_index("trial_id")
+    commit = git_commit()
+    for trial, method in UI_TRIALS.items():
+        run = client.get_run(sweep.loc[trial, "mlflow_run_id"])
+        params, tags = run.data.params, run.data.tags
+        # every training setting and the method's own options, nothing of another method's
+        assert set(params) == {*TRIAL_SETTINGS, *method_options(method), "rate_kind",
+                               *(["iwae_k"] if method != "echo" else [])}, method
+        assert params["epochs"] == "1" and params["beta_warmup_steps"] and params["lr_decay_start"]
+        assert ("clip_factor" in params) == (method == "echo") and params.get("iwae_k") in (None, "8")
+        assert tags[COLOR_TAG] == method_color(method)
+        assert tags.get(COMMIT_TAG) == commit            # None only outside a git checkout
+        assert set(run.data.metrics) >= {"final_test_rate", "final_test_distortion"}
+        assert "iwae_k" not in run.data.metrics
+    parent = client.get_run(run.data.tags[PARENT_TAG])
+    assert all(k.startswith("sweep.") for k in parent.data.params), parent.data.params
+    assert parent.data.params["sweep.methods"] == "echo,vae,infovae"
+
+
+def _printed_link(printed: str, url: str) -> str:
+    """The link the frontier stage printed, pointed at this test's `mlflow ui`."""
+    line = next(line for line in printed.splitlines() if "then open http" in line)
+    link = line.split("then open ", 1)[1].strip()
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/"), link
+    return link.replace("http://127.0.0.1:5000", url)
+
+
+@pytest.mark.slow
+def test_from_the_printed_link_the_ui_compares_every_trial_and_shows_the_answer(pipeline_run):
+    """The user's path in a real browser: the link the frontier stage prints opens the sweep's
+    runs in chart mode with the rate-distortion scatter; one click (unfolding the sweep's run)
+    shows an Echo, a VAE and an InfoVAE run there, each point in its method's colour; the
+    parent run shows the headline metrics, its description (In words) and the R-D figure."""
+    from pipeline.colors import method_color
+
     browser_path = chromium()
-    if browser_path is None:
-        pytest.skip("no chromium executable (apt-get install chromium; .ci/run installs it)")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    sweep = pd.read_csv(pipeline_run / "results/sweep.csv")
-    evaluation = pd.read_csv(pipeline_run / "results/evaluation.csv").set_index("trial_id")
-    assert sorted(sweep["trial_id"]) == list(TRIALS)
-    client = MlflowClient(f"sqlite:///{pipeline_run / 'mlflow.db'}")
-    child = client.get_run(sweep.set_index("trial_id").loc["vae_b1_mlp_z4", "mlflow_run_id"])
+    root, printed = pipeline_run
+    sweep = pd.read_csv(root / "results/sweep.csv").set_index("trial_id")
+    assert sorted(sweep.index) == sorted(UI_TRIALS)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    child = client.get_run(sweep.loc["vae_b1_mlp_z4", "mlflow_run_id"])
     parent_id = child.data.tags[PARENT_TAG]
     experiment = child.info.experiment_id
-    assert {"rd_curves.png", "reconstructions.png", "frontier.csv", "table.md",
-            "comparison.csv"} <= set(artifacts(client, parent_id))
-    # The number as the UI writes it: JavaScript's shortest round-trip text, as Python's repr.
-    neg_elbo = repr(float(evaluation.loc["vae_b1_mlp_z4", "neg_elbo"]))
-    wait = 90_000                             # ms; the UI's bundle is large on a busy machine
+    parent = client.get_run(parent_id)
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert {f"neg_elbo.{m}" for m in UI_TRIALS.values()} <= set(metrics)
+    assert set(metrics) <= set(parent.data.metrics)
+    in_words = (root / "results/table.md").read_text().split("## In words")[1].split("##")[0]
+    first_line = next(line for line in in_words.splitlines() if line.startswith("- At β"))
+    wait = 120_000                            # ms; the UI's bundle is large on a busy machine
 
-    with mlflow_ui(pipeline_run / "mlflow.db") as url, sync_playwright() as pw:
+    with mlflow_ui(root / "mlflow.db") as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, headless=True,
                                      args=["--no-sandbox"])       # root in CI containers
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            # The runs table of the experiment ("Model training"; MLflow 3 opens on GenAI).
-            page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
-                      timeout=wait)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(_printed_link(printed, url), timeout=wait)
+            # The saved view: the scatter's section, and the sweep's run to unfold (click 1).
+            page.get_by_text("Rate-distortion (test set)").first.wait_for(timeout=wait)
             parent_link = page.get_by_role("link", name="ui", exact=True).first
             parent_link.wait_for(timeout=wait)
-            # Child runs are folded under their parent: unfold it, as a user would.
             page.locator("[role=row]", has=parent_link).locator(
                 "button[data-component-id*='runnamecellrenderer']").click()
-            for trial in TRIALS:
+            for trial in UI_TRIALS:
                 page.get_by_role("link", name=trial, exact=True).wait_for(timeout=wait)
-            page.get_by_role("link", name="vae_b1_mlp_z4", exact=True).click()
-            # The child run's own page (not the runs table, whose header names metrics too).
-            page.wait_for_url(f"**/runs/{child.info.run_id}*", timeout=wait)
-            row = page.locator("[role=row]", has_text="final_test_neg_elbo").first
+            # The scatter (Plotly): one point per trial, in its method's colour.
+            points = page.locator(".scatterlayer path.point")
+            page.wait_for_function(
+                "n => document.querySelectorAll('.scatterlayer path.point').length >= n",
+                arg=len(UI_TRIALS), timeout=wait)
+            fills = points.evaluate_all("ps => ps.map(p => getComputedStyle(p).fill)")
+            expected = {_rgb(method_color(m)) for m in UI_TRIALS.values()}
+            assert len(fills) == len(UI_TRIALS) and set(fills) == expected, fills
+
+            # The parent run: its metrics, its description and the figure in it.
+            page.goto(f"{url}/#/experiments/{experiment}/runs/{parent_id}", timeout=wait)
+            row = page.locator("[role=row]", has_text="neg_elbo.echo").first
             row.wait_for(timeout=wait)
-            assert row.inner_text().split() == ["final_test_neg_elbo", neg_elbo], \
-                row.inner_text()
-            # The sweep's parent run holds the R-D figure.
-            page.goto(f"{url}/#/experiments/{experiment}/runs/{parent_id}/artifacts",
-                      timeout=wait)
-            page.get_by_text("rd_curves.png", exact=True).first.wait_for(timeout=wait)
+            assert row.inner_text().split()[0] == "neg_elbo.echo"
+            page.get_by_text(first_line[2:40]).first.wait_for(timeout=wait)
+            figure = page.locator("img[src*='rd_curves.png']").first
+            figure.wait_for(timeout=wait)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 100",
+                                   arg=figure.element_handle(), timeout=wait)
         finally:
             browser.close()
+
+
+def _rgb(color: str) -> str:
+    """"#1f77b4" as the browser's computed style writes it: "rgb(31, 119, 180)"."""
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
 
 
 @pytest.mark.slow
@@ -280,10 +336,11 @@ def test_rerun_stages_add_nothing_and_an_unreachable_store_is_a_warning(pipeline
     from stages.evaluate import main as evaluate_main
     from stages.frontier import main as frontier_main
 
-    client = MlflowClient(f"sqlite:///{pipeline_run / 'mlflow.db'}")
+    root, _ = pipeline_run
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ui").experiment_id])
     before = store_state(client, [r.info.run_id for r in runs])
-    monkeypatch.chdir(pipeline_run)
+    monkeypatch.chdir(root)
     assert evaluate_main([]) == 0 and frontier_main([]) == 0       # dvc repro -f evaluate
     assert store_state(client, before) == before
 
@@ -298,4 +355,4 @@ def test_rerun_stages_add_nothing_and_an_unreachable_store_is_a_warning(pipeline
     assert [line for line in lines if "MLflow" in line or line.startswith("warning")] == [
         line for line in lines if line.startswith(f"warning: MLflow ({params['tracking']['uri']})")]
     assert len(lines) == 1, lines
-    assert (pipeline_run / "results/rd_curves.png").stat().st_size > 0
+    assert (root / "results/rd_curves.png").stat().st_size > 0
