@@ -37,17 +37,29 @@ LATENT_DIM = 8
 METHOD_OPTIONS = {"iaf-prior": {"flow_hidden": 128}}
 
 
-def run_one(source: str, method: str, beta: float, seed: int, epochs: int) -> dict:
+def method_and_options(label: str) -> tuple[str, dict]:
+    """ "echo[f_range=8]" -> ("echo", {"f_range": 8}): a method with options beyond
+    METHOD_OPTIONS, labelled apart in the table."""
+    method, _, rest = label.partition("[")
+    options = dict(METHOD_OPTIONS.get(method, {}))
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    return method, options
+
+
+def run_one(source: str, label: str, beta: float, seed: int, epochs: int) -> dict:
     import torch
     from echo import echo_low_rate_limit
     from echo.data import load_dataset
     from echo.known_answer import check_model, dataset_curve
     from echo.train import TrainConfig, fit
 
+    method, options = method_and_options(label)
     config = TrainConfig(method=method, dataset=source, arch="mlp", latent_dim=LATENT_DIM,
                          beta=beta, epochs=epochs, batch_size=100, lr=1e-3,
                          beta_warmup_steps=200, seed=seed, device="cpu", progress=False,
-                         cuda_graph=False, method_options=dict(METHOD_OPTIONS.get(method, {})))
+                         cuda_graph=False, method_options=options)
     start = time.perf_counter()
     model = fit(config).model
     seconds = time.perf_counter() - start
@@ -56,7 +68,7 @@ def run_one(source: str, method: str, beta: float, seed: int, epochs: int) -> di
     torch.manual_seed(seed)
     point = check_model(model, x_test, curve, batch_size=config.batch_size, beta=beta)
     clip = getattr(model.channel, "clip_factor", None)
-    return {"source": source, "method": method, "beta": beta, "seed": seed, **point,
+    return {"source": source, "method": label, "beta": beta, "seed": seed, **point,
             "below": point["below"], "rate_kind": model.rate_kind,
             "neg_elbo": point["rate"] + point["distortion"],
             "low_rate_limit": echo_low_rate_limit(clip, LATENT_DIM) if clip else None,
@@ -123,11 +135,23 @@ def summary_lines(table) -> list[str]:
     return lines
 
 
+def split_methods(text: str) -> list[str]:
+    """Commas outside brackets: "echo,echo[a=1,b=2]" -> ["echo", "echo[a=1,b=2]"]."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    return [m for m in out if m]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.known_answer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results/known_answer")
-    p.add_argument("--methods", default="echo,vae,iaf-prior")
+    p.add_argument("--methods", default="echo,vae,iaf-prior",
+                   help="comma-separated; a method with extra options as echo[f_range=8]")
     p.add_argument("--sources", default=",".join(SOURCES))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=8)
@@ -148,7 +172,7 @@ def main(argv=None) -> int:
     write_specs(out, sources)
     if not args.plot_only:
         for source in sources:
-            for method in args.methods.split(","):
+            for method in split_methods(args.methods):
                 for beta in BETAS[source]:
                     for seed in (int(s) for s in args.seeds.split(",")):
                         path = runs / f"{source}_{method}_b{beta:g}_s{seed}.json"

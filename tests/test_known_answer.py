@@ -181,6 +181,20 @@ def test_the_evaluate_stage_columns_flag_a_point_below_the_curve(tmp_path, capsy
                                 torch.zeros(4, 1, 8, 8), 4, row) == {}
 
 
+def test_evaluate_checkpoint_gives_the_known_answer_columns(tmp_path):
+    from pipeline.evaluation import EVALUATION_COLUMNS, evaluate_checkpoint
+    fit(TrainConfig(method="echo", dataset="gaussian_source", arch="mlp", latent_dim=4,
+                    epochs=1, train_limit=300, seed=0, progress=False, out=str(tmp_path)))
+    x = load_dataset("gaussian_source", "test")[0][:500]
+    row = evaluate_checkpoint(tmp_path / "checkpoint.pt", x, batch_size=100, iwae_k=1,
+                              device=torch.device("cpu"))
+    assert {"curve_distortion", "excess", "excess_se", "below_curve"} <= set(EVALUATION_COLUMNS)
+    curve = dataset_curve("gaussian_source", Gaussian(0.5))
+    assert row["curve_distortion"] == pytest.approx(float(curve.distortion_at(row["rate"])))
+    assert row["excess"] == pytest.approx(row["distortion"] - row["curve_distortion"])
+    assert row["excess_se"] > 0 and row["below_curve"] is False
+
+
 # --- a user's own arrays -----------------------------------------------------------------------
 
 def write_npz(folder, **arrays):
