@@ -165,6 +165,9 @@ def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
 
 KEY_FILE_ENV = "ECHO_STATE_KEY_FILE"
 DEFAULT_KEY_FILE = "~/.config/echo-rd/sweep-state.key"
+# A failed trial's exception, pickled by the driver into the trial's folder; Tune unpickles it
+# when it builds its results.
+TRIAL_ERROR_PICKLE = "error.pkl"
 SIGNATURE_MAGIC = b"echo-rd-hmac-sha256:"     # + 64 hex digits + b"\n" + the file's bytes
 
 
@@ -246,8 +249,17 @@ class _SigningWriter(io.RawIOBase):
         if not self.closed:
             data = sign_state(self.handler.key, posixpath.basename(self.path),
                               self.buffer.getvalue())
-            with self.handler.base.open_output_stream(self.path, metadata=self.metadata) as out:
-                out.write(data)
+            # Whole or not at all: a write that fails (a full disk) keeps the previous version,
+            # instead of a truncated file that no longer verifies (or unpickles).
+            base, tmp = self.handler.base, f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                with base.open_output_stream(tmp, metadata=self.metadata) as out:
+                    out.write(data)
+                base.move(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    base.delete_file(tmp)
+                raise
         super().close()
 
 
@@ -275,7 +287,8 @@ class SignedStateFileSystem(pyarrow.fs.FileSystemHandler):
 
     def _state(self, path: str) -> bool:
         parent, name = posixpath.split(posixpath.normpath(path))
-        return parent == self.experiment and is_state_file(name)
+        return (parent == self.experiment and is_state_file(name)) or \
+            (posixpath.dirname(parent) == self.experiment and name == TRIAL_ERROR_PICKLE)
 
     def __eq__(self, other):
         return isinstance(other, SignedStateFileSystem) and \
@@ -362,15 +375,19 @@ def verify_experiment_state(experiment: str) -> None:
     fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
                                               else Path(experiment).as_uri())
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    trials = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    errors = fs.get_file_info([f"{t}/{TRIAL_ERROR_PICKLE}" for t in trials]) if trials else []
     key = None
-    for info in sorted(infos, key=lambda i: i.base_name):
-        if info.type != pyarrow.fs.FileType.File or not is_state_file(info.base_name):
+    for info in sorted(infos, key=lambda i: i.base_name) + errors:
+        if info.type != pyarrow.fs.FileType.File or not (
+                is_state_file(info.base_name) or info.base_name == TRIAL_ERROR_PICKLE):
             continue
         key = key or state_key()
         with fs.open_input_stream(info.path) as fh:
             signed = fh.read()
         try:
-            unsign_state(key, info.base_name, signed, f"{experiment}/{info.base_name}")
+            unsign_state(key, info.base_name, signed,
+                         f"{experiment}/{info.path[len(path):].lstrip('/')}")
         except StateSignatureError as err:
             raise SweepError(
                 f"{err}; nothing was loaded from it (Tune would unpickle it, which can run "

@@ -11,8 +11,10 @@ length, and its "Layout of pipeline/" which module holds what.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +73,52 @@ class _EndedTrials(tune.Callback):
     @property
     def unfinished(self) -> list:
         return [t for t in self.trials if not trial_finished(t)]
+
+
+class _StopOnFullDisk(tune.Callback):
+    """A trial that crashed because the disk it writes to is full would crash again on every
+    retry and end `failed`: stop the sweep as Ctrl-C does instead (its trials saved; Tune's
+    last intact snapshot kept), and say so in one line; the rerun, with room, resumes it."""
+
+    def __init__(self):
+        self.full = ""                        # the first such error, one line
+
+    def _check(self, trial) -> None:
+        # The driver's own copy of the error (the one in storage may not be synced yet, or
+        # could not be: the disk is full).
+        local = getattr(trial, "error_file", None)
+        try:
+            text = Path(local).read_text() if local else ""
+        except OSError:
+            text = ""
+        text = text or str(trial.get_error() or "")
+        if self.full or not _disk_full(text):
+            return
+        line = next(line for line in text.splitlines() if _disk_full(line))
+        self.full = f"trial {trial.config.get('trial_id', trial)}: {line.strip()[:300]}"
+        if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._check(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._check(trial)
+
+
+def _disk_full(text: str) -> bool:
+    return "No space left on device" in text or "Errno 28" in text or "errno 28" in text
+
+
+class _QuietFullDiskSnapshots(logging.Filter):
+    """Tune logs a failed experiment snapshot as a full traceback; when the disk is full the
+    sweep says so itself, in one line (its previous snapshot is intact: state files are
+    written whole or not at all)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _disk_full(str(record.exc_info[1])):
+            return False
+        return not _disk_full(record.getMessage())
 
 
 def trial_finished(trial) -> bool:
@@ -140,8 +188,8 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
 def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: str, storage: str,
                      resumable: bool, tracker, callbacks: tuple, verbose: int):
     sweep = params.sweep
-    statuses = _EndedTrials()
-    all_callbacks = [tracker, statuses, *callbacks]
+    statuses, disk = _EndedTrials(), _StopOnFullDisk()
+    all_callbacks = [tracker, statuses, disk, *callbacks]
     trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
                                                   "gpu": sweep.resources.gpu})
     # Tune's state files in the experiment folder are signed when written and verified
@@ -166,12 +214,30 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4))
         tuner = tune.Tuner(trainable, tune_config=tune_config(params, root),
                            run_config=run_config)
-    tuner.fit()
+    quiet = _QuietFullDiskSnapshots()
+    tune_loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.tune.tune",
+                                                         "ray.tune.execution.tune_controller",
+                                                         "ray.train._internal.storage",
+                                                         "ray.train._internal.syncer",
+                                                         "ray.tune.execution.experiment_state")]
+    for logger in tune_loggers:
+        logger.addFilter(quiet)
+    try:
+        tuner.fit()
+    finally:
+        for logger in tune_loggers:
+            logger.removeFilter(quiet)
     # Results a store outage held back are written first (waiting while it may come back).
     if tracker.unreachable or not tracker.drain(wait=tracker.max_outage):
         raise SweepInterrupted(
             f"{tracker.unreachable or 'tracking store unreachable'}; the sweep stopped with its "
             f"trials saved: run the stage again when the store is back to resume it")
+    if disk.full:
+        tracker.close_sweep(tracker.sweep_uid)
+        raise SweepInterrupted(
+            f"sweep.storage_path {storage}: no space left on device ({disk.full}); free space "
+            f"there and run the stage again: the sweep resumes from its checkpoints in "
+            f"{experiment}")
     expected = len(grid_points(params)) * sweep.search.num_samples
     missing = expected - len(statuses.status) + len(statuses.unfinished)
     if missing:

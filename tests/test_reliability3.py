@@ -314,3 +314,54 @@ def test_hostile_checkpoint_refusal_names_the_reason(tmp_path):
     assert "system" in message and "GLOBAL" in message, message
     assert "weights_only" not in message, message
     assert not (tmp_path / "ran").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 2: the disk of sweep.storage_path fills during the sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_storage_that_fills_during_the_sweep_ends_in_one_line_and_resumes(tmp_path):
+    """`sweep.storage_path` on a real 12 MiB tmpfs: the start-up probe passes, the trial's
+    checkpoints (~4 MB each) fill it during training. The sweep stops in one line naming the
+    folder and that a rerun resumes (no traceback; Tune's truncated files used to end it in an
+    EOFError, and reruns then trained nothing); the parent run is not left RUNNING. With room
+    (the tmpfs grown in place), the rerun completes from the trial's checkpoint."""
+    run = lambda cmd: subprocess.run(cmd, capture_output=True).returncode == 0  # noqa: E731
+    epochs = 8
+    write_params(tmp_path, "full", betas=[1.0], epochs=epochs, max_failures=2)
+    storage = tmp_path / "ray_results"
+    storage.mkdir()
+    if not run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(storage)]):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        done = subprocess.run(SWEEP, cwd=tmp_path, env=child_env(), capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 1, done.stderr[-3000:]
+        lines = error_lines(done.stderr)
+        assert len(lines) == 1, lines
+        assert "sweep.storage_path" in lines[0] and str(storage) in lines[0], lines[0]
+        assert "No space left on device" in lines[0] or "no space" in lines[0], lines[0]
+        assert "run the stage again" in lines[0], lines[0]
+        assert not (tmp_path / "results" / "sweep.csv").exists()
+        _, parents, children = runs(tmp_path, "full")
+        assert [p.info.status for p in parents] == ["KILLED"]
+        history = newest_history(storage / "full" / "vae_b1_mlp_z4")
+        assert 0 < len(history) < epochs
+
+        assert run(["mount", "-o", "remount,size=200m", str(storage)])     # room again
+        again = subprocess.run(SWEEP, cwd=tmp_path, env=child_env(), capture_output=True,
+                               text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(storage)], capture_output=True)
+    table = pd.read_csv(tmp_path / "results" / "sweep.csv")
+    assert list(table["status"]) == ["completed"] and list(table["epochs_done"]) == [epochs]
+    final = load_checkpoint(tmp_path / table.loc[0, "checkpoint"])["history"]
+    assert [e["epoch_seconds"] for e in final[:len(history)]] == \
+        [e["epoch_seconds"] for e in history]                  # resumed, not retrained
+    client, parents, children = runs(tmp_path, "full")
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "test_neg_elbo")]
+    assert sorted(steps) == list(range(1, epochs + 1))
