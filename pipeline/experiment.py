@@ -402,8 +402,12 @@ def sign_experiment(experiment: str) -> list[str]:
     fs, path = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment
                                               else Path(experiment).as_uri())
     key, signed = state_key(), []
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
-        if info.type != pyarrow.fs.FileType.File or not is_state_file(info.base_name):
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
+    trials = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    errors = fs.get_file_info([f"{t}/{TRIAL_ERROR_PICKLE}" for t in trials]) if trials else []
+    for info in infos + errors:
+        if info.type != pyarrow.fs.FileType.File or not (
+                is_state_file(info.base_name) or info.base_name == TRIAL_ERROR_PICKLE):
             continue
         with fs.open_input_stream(info.path) as fh:
             data = fh.read()
@@ -411,7 +415,7 @@ def sign_experiment(experiment: str) -> list[str]:
             continue
         with fs.open_output_stream(info.path) as out:
             out.write(sign_state(key, info.base_name, data))
-        signed.append(info.base_name)
+        signed.append(info.path[len(path):].lstrip("/"))
     return signed
 
 
