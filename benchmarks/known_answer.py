@@ -94,8 +94,9 @@ def plot(table, out: Path, sources) -> None:
     from echo.known_answer import dataset_curve
     from echo.networks import make_likelihood
 
-    fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.5), squeeze=False)
-    for ax, source in zip(axes[0], sources):
+    fig, axes = plt.subplots(2, len(sources), figsize=(6 * len(sources), 8), squeeze=False,
+                             gridspec_kw={"height_ratios": (3, 2)})
+    for ax, low, source in zip(axes[0], axes[1], sources):
         spec = dataset_spec(source)
         curve = dataset_curve(source, make_likelihood(spec.likelihood, spec.tau))
         rows = table[table["source"] == source]
@@ -111,6 +112,8 @@ def plot(table, out: Path, sources) -> None:
                                fmt="-o", markersize=4, capsize=2, label=f"{method} ({kind})")
             ax.scatter(group["rate"], group["distortion"], s=8, alpha=0.3,
                        color=line[0].get_color())
+            low.errorbar(group["rate"], group["excess"], yerr=3 * group["excess_se"], fmt="o",
+                         markersize=3, capsize=2, color=line[0].get_color(), label=method)
             limit = group["low_rate_limit"].dropna()
             if len(limit):
                 ax.axvline(float(limit.iloc[0]), color=line[0].get_color(), linestyle="--",
@@ -120,6 +123,11 @@ def plot(table, out: Path, sources) -> None:
         ax.set_title(f"{source}: test points vs the true R-D curve")
         ax.grid(alpha=0.2)
         ax.legend(fontsize=7)
+        low.axhline(0, color="k", linewidth=1)
+        low.set_xlabel("rate R (nats)")
+        low.set_ylabel("excess D - D(R) (nats), ± 3 errors")
+        low.set_xlim(ax.get_xlim())
+        low.grid(alpha=0.2)
     fig.tight_layout()
     fig.savefig(out / "known_answer.png", dpi=110)
     plt.close(fig)
