@@ -4,13 +4,16 @@ trial gets the true curve's distortion at its test rate, its excess over the cur
 excess's standard error over the test examples and `below_curve`, True when the point lies
 below the curve by more than echo.known_answer.FLAG_Z standard errors. Such a point cannot be
 achieved: its rate is wrong or its estimate biased, and it is printed loudly on stderr. Other
-data sets get empty columns.
+data sets get empty columns. `true_curve` is the curve a figure draws beside the methods'.
 """
 from __future__ import annotations
 
 import sys
 
-from echo.known_answer import FLAG_Z, check_points, dataset_curve, per_example, point_error
+from echo.checkpoint import run_likelihood
+from echo.known_answer import (FLAG_Z, RDCurve, check_points, dataset_curve, per_example,
+                               point_error)
+from echo.settings import TrainConfig
 
 KNOWN_ANSWER_COLUMNS = ("curve_distortion", "excess", "excess_se", "below_curve")
 
@@ -35,3 +38,12 @@ def known_answer_columns(model, config, x, batch_size: int, row: dict) -> dict:
               f"biased estimate", file=sys.stderr)
     return columns
 
+
+
+def true_curve(params) -> RDCurve | None:
+    """The known R-D curve of params.yaml's data set under the decoder its trials use
+    (train.likelihood / gaussian_tau, else the data set's own), or None: for the frontier
+    figure, `ax.plot(r, curve.distortion_at(r))`."""
+    config = TrainConfig(dataset=params.data.dataset, likelihood=params.train.likelihood,
+                         gaussian_tau=params.train.gaussian_tau)
+    return dataset_curve(config.dataset, run_likelihood(config))

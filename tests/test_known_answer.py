@@ -195,6 +195,19 @@ def test_evaluate_checkpoint_gives_the_known_answer_columns(tmp_path):
     assert row["excess_se"] > 0 and row["below_curve"] is False
 
 
+def test_the_frontier_figure_gets_the_curve_of_the_params_data_set_and_decoder():
+    from pipeline.config import Params
+    from pipeline.known_answer import true_curve
+    gaussian = Params.model_validate({"data": {"dataset": "gaussian_source"}})
+    assert true_curve(gaussian).tau == 0.5
+    wider = Params.model_validate({"data": {"dataset": "gaussian_source"},
+                                   "train": {"gaussian_tau": 1.0}})
+    assert true_curve(wider).tau == 1.0
+    assert true_curve(Params.model_validate({"data": {"dataset": "binary_source"}})).entropy == \
+        pytest.approx(6.4581630)
+    assert true_curve(Params()) is None                       # digits: no known answer
+
+
 # --- a user's own arrays -----------------------------------------------------------------------
 
 def write_npz(folder, **arrays):
