@@ -58,7 +58,7 @@ def test_gaussian_source_has_its_stated_variances_and_declares_its_decoder():
 
 def test_prepare_records_the_spec_and_the_likelihood_in_the_manifest(tmp_path):
     manifest = prepare("gaussian_source", tmp_path / "raw", tmp_path / "prep")
-    assert manifest["likelihood"] == {"likelihood": "gaussian", "tau": 0.5}
+    assert manifest["declared_likelihood"] == {"likelihood": "gaussian", "tau": 0.5}
     assert manifest["known_answer"]["variances"] == [s * s for s in
                                                      manifest["known_answer"]["stds"]]
     assert manifest["splits"]["test"]["dtype"] == "float32"

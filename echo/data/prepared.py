@@ -47,7 +47,7 @@ def _split_summary(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def _declared_likelihood(name: str) -> dict:
-    """The decoder the data set asks for (a run may override it)."""
+    """The decoder the data set asks for (a run may override it: train.likelihood)."""
     spec = dataset_spec(name)
     return {"likelihood": spec.likelihood, **({"tau": spec.tau} if spec.tau is not None else {})}
 
@@ -82,7 +82,7 @@ def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path, *, downloa
             "raw_files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_digest(p),
                            "md5": file_digest(p, "md5")} for p in data.raw_files],
             "source": data.source,
-            "likelihood": _declared_likelihood(name),
+            "declared_likelihood": _declared_likelihood(name),
             "known_answer": data.spec,
             "prepared": {"path": npz_path.name, "bytes": tmp_npz.stat().st_size,
                          "sha256": file_digest(tmp_npz)},
