@@ -221,14 +221,15 @@ def log_final_metrics(client, evaluation: pd.DataFrame, sweep: pd.DataFrame) -> 
         params = []
         for name in FINAL_PARAMS:
             value, held = _setting_text(row.get(name)), run.data.params.get(name)
-            if value is None or held == value:
+            if value is None:
                 continue
             if held is None:
                 params.append(Param(name, value))
-            elif run.data.tags.get(name) != value:
+            elif run.data.tags.get(name, held) != value:
                 # MLflow never changes a param: a re-evaluation with another value (another
                 # evaluate.iwae_k) records the newest as a tag of the same name.
                 tags.append(RunTag(name, value))
+        tags = list({tag.key: tag for tag in tags}.values())     # one per name in a batch
         if metrics or tags or params:
             client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
         logged += 1
