@@ -96,7 +96,7 @@ def _evaluation(rows):
     rows = [{"rate_kind": kinds.get(r["method"], "single_sample_bound"), **r} for r in rows]
     table = pd.DataFrame([{**base, **r} for r in rows])
     table["neg_elbo"] = table["rate"] + table["distortion"]
-    return table[list(EVALUATION_COLUMNS)]
+    return table.reindex(columns=list(EVALUATION_COLUMNS))   # columns not given: empty
 
 
 EVALUATION_ROWS = [
