@@ -282,8 +282,8 @@ def newest_trial_checkpoint(given: tune.Checkpoint | None,
 
 
 def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=None) -> None:
-    """A 2-row PNG: test images above, the model's reconstruction probabilities below
-    (`x_test`: the test set if already loaded)."""
+    """A 2-row PNG: test images above, the model's reconstruction (its decoder likelihood's
+    mean) below (`x_test`: the test set if already loaded)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,7 +295,7 @@ def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=
         x_test = load_train_test(cfg)[1]
     x_test = x_test[: cfg.test_limit][: cfg.batch_size]
     with torch.no_grad():
-        probs = torch.sigmoid(model(x_test, cfg.beta).logits)
+        probs = model.likelihood.mean(model(x_test, cfg.beta).logits)
     count = min(RECON_COUNT, len(x_test))
     fig, axes = plt.subplots(2, count, figsize=(count, 2.2), squeeze=False)
     for col in range(count):
