@@ -25,8 +25,7 @@ from pipeline.trials import ARTIFACT_DIR, grid_points
 def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     """Fail before Ray starts: the device must exist here (for a local Ray), the data must
     load and hold at least one batch, the experiment folder must lie outside the stage's
-    outputs, every output folder must take a write and a SQLite tracking store must be
-    intact and writable."""
+    outputs (`check_writable` follows, once this driver holds the experiment)."""
     check_device(params)
     check_experiment_place(params, root, files)
     base = trial_base(params, root)
@@ -40,6 +39,12 @@ def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     if n < params.train.batch_size:
         raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
                          f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
+
+
+def check_writable(params: Params, root: Path, files: StageFiles) -> None:
+    """Every output folder takes a write and a SQLite tracking store is intact and writable.
+    Called under the experiment lock: a second driver's probe would otherwise race the first
+    one's (each removes the folders it made) and fail with EEXIST instead of naming it."""
     check_outputs(params, root, files)
     check_tracking_store(params, root)
 

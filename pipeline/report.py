@@ -75,7 +75,32 @@ def in_words(evaluation: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
         lines.append(f"- At β = {TABLE_BETA:g} the lowest test −ELBO is {ranked.index[0]}'s: "
                      f"{order} nats (mean ± standard error over "
                      f"{'/'.join(map(str, seeds))} seed(s)).")
+        lines += floor_lines(best)
     lines += comparison_lines(comparison)
+    return lines
+
+
+def floor_lines(best: pd.DataFrame) -> list[str]:
+    """What Echo's low-rate limit (-d log r, eq. 4 with S at its clip r) costs at beta = 1:
+    whether another method's rate there lies below the limit, i.e. where Echo cannot go."""
+    lines = []
+    limits = best["low_rate_limit"].astype(float)
+    for method, row in best[limits.notna()].iterrows():
+        limit, rate = float(row["low_rate_limit"]), float(row["rate"])
+        below = {m: float(r["rate"]) for m, r in best.iterrows()
+                 if m != method and float(r["rate"]) < limit}
+        where = (f"{method}'s rate at β = {TABLE_BETA:g} is {rate:.2f} nats; its low-rate limit "
+                 f"at {int(row['latent_dim'])} latents is {limit:.2f} (−d log r: no encoder "
+                 f"spends less)")
+        if below:
+            others = ", ".join(f"{m} {r:.2f}" for m, r in below.items())
+            lines.append(f"- {where}. The limit binds: {others} nats lie below it, where "
+                         f"{method} cannot go at this latent size, so part of {method}'s "
+                         f"−ELBO gap here is the limit's cost, not the channel's (fewer "
+                         f"latents lower it, docs/methods.md).")
+        else:
+            lines.append(f"- {where}. The limit does not bind: every other method's rate "
+                         f"there is above it.")
     return lines
 
 

@@ -25,7 +25,7 @@ from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter
 
 from echo.files import atomic_write
-from pipeline.checks import check_inputs, check_local_gpus
+from pipeline.checks import check_inputs, check_local_gpus, check_writable
 from pipeline.config import Params
 from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, signed_storage,
                                  storage_uri, stored_settings, stored_uid,
@@ -147,6 +147,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_local_gpus(params)            # before Ray starts: seconds, not a hang
     with experiment_lock(storage, sweep.name):
+        check_writable(params, root, files)
         started = False
         try:
             previous = stored_uid(experiment)

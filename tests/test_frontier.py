@@ -150,3 +150,25 @@ def test_table_2_puts_the_paper_beside_the_best_trial_at_beta_1():
     line = next(line for line in text.splitlines() if line.startswith("- **echo vs vae**"))
     assert "nats of distortion at equal rate" in line and "no interval: one seed each" in line
     assert "echo's rate is exact, vae's an upper bound (analytic kl)" in line.lower()
+
+
+def test_in_words_says_whether_echos_low_rate_limit_binds_at_beta_1():
+    """table.md's "In words" names Echo's low-rate limit at beta = 1 and whether another method's
+    rate there lies below it (where Echo cannot go at that latent size)."""
+    from pipeline.comparison import comparison_table
+    from pipeline.frontier import frontier_table
+    from pipeline.report import report
+
+    def words(echo_limit: float) -> str:
+        rows = [{**r, "low_rate_limit": echo_limit} if r["method"] == "echo" else r
+                for r in EVALUATION_ROWS]
+        evaluation = _evaluation(rows)
+        text = report(evaluation, frontier_table(evaluation), comparison_table(evaluation),
+                      "digits")
+        return next(line for line in text.splitlines() if "low-rate limit" in line)
+
+    binds = words(25.5)           # vae's beta-1 rate 25.0 lies below echo's limit
+    assert "echo's rate at β = 1 is 26.00 nats" in binds and "is 25.50" in binds
+    assert "The limit binds: vae 25.00 nats lie below it" in binds
+    free = words(5.74)
+    assert "is 5.74" in free and "does not bind" in free and "vae" not in free

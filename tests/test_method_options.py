@@ -74,7 +74,7 @@ def test_a_search_range_is_searched_for_its_method_only(tmp_path):
 
 def test_options_are_what_the_builders_declare():
     assert method_options("vae-vamp") == {"n_pseudo": 250}
-    assert set(method_options("echo")) == {"clip_factor", "d_max", "replace"}  # batch_size: run
+    assert set(method_options("echo")) == {"clip_factor", "d_max", "replace", "f_range"}  # batch_size: run
     assert tunable_options("echo") == ("clip_factor",) and tunable_options("vae") == ()
     assert OPTION_COLUMNS == ("clip_factor",)
 
