@@ -1,10 +1,15 @@
-"""Where a data set's raw files are, and fetching them: torchvision's classes or the mirrors of
-its `DatasetSpec`, each file checked against its published md5 before it appears."""
+"""Where a data set's raw files are, and fetching them from the mirrors of its `DatasetSpec`,
+each file checked against the checksum the spec records before it appears: the sha256 of its
+content (`DatasetSpec.sha256`; a .gz file's decompressed bytes, since mirrors re-compress), else
+the md5 the mirrors publish (`DatasetSpec.files`). A file with neither is not downloaded."""
 from __future__ import annotations
 
+import gzip
+import hashlib
 import logging
 import shutil
 import urllib.request
+import zlib
 from pathlib import Path
 
 from ..files import atomic_write, file_digest
@@ -41,15 +46,53 @@ def find_raw_files(dataset: DatasetSpec | str, root: Path) -> dict[str, Path] | 
     return None
 
 
-def fetch(url: str, dest: Path, md5: str | None = None, *, timeout: float = 60) -> Path:
-    """Download `url` to `dest` through a temporary file, checking the md5 when one is given;
-    `dest` appears only complete and verified."""
+def content_digest(path: str | Path) -> str:
+    """sha256 of a file's content: a gzip file's decompressed bytes (the same data compressed
+    differently has the same digest), any other file's bytes. A damaged gzip raises DataError."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        return file_digest(path, "sha256")
+    digest = hashlib.sha256()
+    try:
+        with gzip.open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: not a readable gzip file ({err})") from None
+    return digest.hexdigest()
+
+
+def unverifiable(filename: str, dest_dir: Path) -> DataError:
+    """The refusal to download a file whose spec records no checksum."""
+    return DataError(f"{filename}: the data spec records no checksum for it, so a download could "
+                     f"not be verified and is refused; place the file in {dest_dir}/ yourself "
+                     f"(after checking it), or record its sha256 in the data set's DatasetSpec "
+                     f"(echo/data/sets/)")
+
+
+def fetch(url: str, dest: Path, md5: str | None = None, *, sha256: str | None = None,
+          timeout: float = 60) -> Path:
+    """Download `url` to `dest` through a temporary file and verify it: the sha256 of its
+    content (`content_digest`) when given, else its md5; neither given is refused before any
+    download. `dest` appears only complete and verified."""
+    if sha256 is None and md5 is None:
+        raise unverifiable(dest.name, dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     def download_into(tmp: Path) -> None:
         with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out, 1 << 20)
-        if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
+        if sha256 is not None:
+            try:
+                got = content_digest(tmp)
+            except DataError as err:
+                got = f"unreadable ({str(err).split(' (', 1)[-1].rstrip(')')})"
+            if got != sha256:
+                raise DataError(f"{url}: the content's sha256 is {got}, the data spec records "
+                                f"{sha256}; the mirror served a different or damaged file")
+        elif (got := file_digest(tmp, "md5")) != md5:
             raise DataError(f"{url}: downloaded file has md5 {got}, expected {md5}; the mirror "
                             f"served a different or damaged file")
 
@@ -57,42 +100,36 @@ def fetch(url: str, dest: Path, md5: str | None = None, *, timeout: float = 60) 
     return dest
 
 
-def fetch_all(files: dict[str, str | None], mirrors, dest_dir: Path) -> None:
-    """Each file from the first mirror that serves it with the right checksum."""
-    for filename, md5 in files.items():
-        if _present(dest_dir, filename):
-            continue
+def fetch_all(files: dict[str, str | None], mirrors, dest_dir: Path,
+              sha256: dict[str, str] | None = None) -> None:
+    """Each file from the first mirror that serves it with the right checksum (`sha256`: the
+    content's, by file name; else the md5 in `files`). A file with neither is refused before
+    anything is downloaded."""
+    sha256 = dict(sha256 or {})
+    missing = [f for f in files if not _present(dest_dir, f)]
+    for filename in missing:
+        if files[filename] is None and filename not in sha256:
+            raise unverifiable(filename, dest_dir)
+    for filename in missing:
         errors = []
         for mirror in mirrors:
             try:
                 log.info("downloading %s%s", mirror, filename)
-                fetch(mirror + filename, dest_dir / filename, md5)
+                fetch(mirror + filename, dest_dir / filename, files[filename],
+                      sha256=sha256.get(filename))
                 break
             except (OSError, DataError) as err:   # URLError and timeouts are OSErrors
                 errors.append(f"{mirror}: {err}")
         else:
-            raise DataError(f"could not download {filename} ({'; '.join(errors)})")
+            raise DataError(f"could not download {filename} ({'; '.join(errors)}); place the "
+                            f"canonical file in {dest_dir}/ or try again")
 
 
 def download(dataset: DatasetSpec | str, root: Path) -> None:
-    """Fetch a data set's raw files into `root`: its torchvision class when it has one and
-    torchvision imports (whose layout is root/<class>/raw), else its mirrors into the first of
-    its search folders."""
+    """Fetch a data set's raw files from its mirrors (the ones torchvision uses, for the sets it
+    has) into the first of its search folders, each verified against the spec's checksums."""
     spec = _spec(dataset)
-    if spec.torchvision is not None:
-        try:
-            import torchvision.datasets as tvd    # optional and heavy: imported only here
-        except Exception:
-            tvd = None
-        if tvd is not None:
-            dataset_class = getattr(tvd, spec.torchvision)
-            try:
-                for train in (True, False):
-                    dataset_class(str(root), train=train, download=True)
-                return
-            except Exception as err:
-                raise DataError(f"torchvision could not download {spec.name}: {err}") from None
-    fetch_all(dict(spec.files), spec.mirrors, root / spec.search_dirs[0])
+    fetch_all(dict(spec.files), spec.mirrors, root / spec.search_dirs[0], dict(spec.sha256))
 
 
 def _missing(spec: DatasetSpec, root: Path, why: str, **arguments) -> DataError:

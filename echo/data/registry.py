@@ -60,14 +60,18 @@ class DatasetSpec:
     # checksum; such files are verified by their format and `sizes`, and their sha256 goes into
     # the manifest).
     files: Mapping[str, str | None] = field(default_factory=dict)
+    # Raw file name -> sha256 of its content (a .gz file's decompressed bytes, which do not
+    # change when a mirror re-compresses), checked on every download before md5
+    # (echo.data.fetching.content_digest). A file with neither checksum is never downloaded.
+    sha256: Mapping[str, str] = field(default_factory=dict)
     # Image count of each raw part ("train", "valid", "test"), checked unless check_sizes=False.
     sizes: Mapping[str, int] = field(default_factory=dict)
     mirrors: tuple[str, ...] = ()        # base URLs serving `files`, tried in order
     # Folders under root that may hold `files` ("" is root itself); the first holding all of
     # them wins, and downloads go into the first.
     search_dirs: tuple[str, ...] = ()
-    # A torchvision.datasets class that downloads `files` (into root/<class>/raw), tried before
-    # the mirrors when torchvision imports.
+    # The torchvision.datasets class of the set: files already in its layout (root/<class>/raw)
+    # are found through `search_dirs`; downloads go through `mirrors` only, verified.
     torchvision: str | None = None
     # The decoder's likelihood p(x|z) the data set asks for (echo.networks.LIKELIHOODS) and,
     # for "gaussian", its fixed std tau (None: echo.networks.DEFAULT_TAU); a run may override
