@@ -4,7 +4,10 @@
   (each seed) as a faint point, each point's mean over seeds with error bars of one standard
   error in rate and distortion, the Pareto frontier of the means as a line, its
   lower-convex-hull points filled; the legend says how each method's rate was obtained; dotted
-  iso-lines R + D = const (equal -ELBO); Echo's low-rate limit -d_z log r (Sec. 5) dashed.
+  iso-lines R + D = const (equal -ELBO); Echo's low-rate limit -d_z log r (Sec. 5) dashed;
+  where the data set's rate-distortion function is known (`truth`, an echo.known_answer.RDCurve:
+  pipeline.known_answer.true_curve), that curve D(R) as a black dashed line, which no
+  achievable point lies below.
 - `reconstructions`: test images and the frontier models' reconstructions at the lowest, a
   middle and the highest rate of each method, each the mean of `samples` decoder outputs over
   independent encoder samples (the paper averages 10).
@@ -46,14 +49,19 @@ def _iso_elbo_levels(total: np.ndarray) -> np.ndarray:
     return MaxNLocator(nbins=5).tick_values(low, high + 0.5 * max(high - low, 1.0))
 
 
+TRUTH_LABEL = "true R-D curve D(R) (known answer)"
+
+
 def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path, *,
-              title: str = "") -> None:
+              title: str = "", truth=None) -> plt.Figure:
+    """Draw the R-D figure to `path` and return it (closed; its axes can still be read).
+    `truth`: the data set's known curve (anything with `distortion_at(rates)`), or None."""
     points = seed_trials(evaluation)
     fig, ax = plt.subplots(figsize=(7, 5))
     if points.empty:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
         _save(fig, path)
-        return
+        return fig
     means = seed_points(evaluation)
     seeds = int(means["n_seeds"].max())
     # A method's colour is its colour in MLflow too (pipeline.colors); several series of one
@@ -85,6 +93,15 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
                    linewidth=1, label="Echo low-rate limit $-d_z \\log r$" if i == 0 else None)
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
     xlim = (min(0.0, xlim[0]), xlim[1])
+    if truth is not None:
+        # Over the whole rate axis; the distortion axis is widened down to the curve (the
+        # excess of the points over it is what the line shows), not up to D(0).
+        grid = np.linspace(max(xlim[0], 0.0), xlim[1], 200)
+        curve = np.asarray(truth.distortion_at(grid), dtype=np.float64)
+        ax.plot(grid, curve, "--", color="black", linewidth=1.2, label=TRUTH_LABEL, zorder=1)
+        low = float(np.min(curve))
+        if low < ylim[0]:
+            ylim = (low - 0.05 * (ylim[1] - low), ylim[1])
     rate_grid = np.linspace(*xlim, 2)
     for level in _iso_elbo_levels(points["rate"] + points["distortion"]):
         ax.plot(rate_grid, level - rate_grid, ":", color="gray", linewidth=0.8, zorder=0)
@@ -104,6 +121,7 @@ def rd_curves(evaluation: pd.DataFrame, frontier: pd.DataFrame, path: str | Path
     ax.legend(fontsize=8)
     ax.grid(alpha=0.2)
     _save(fig, path)
+    return fig
 
 
 def pick_levels(front: pd.DataFrame) -> list[tuple[str, pd.Series]]:
@@ -122,7 +140,8 @@ def pick_levels(front: pd.DataFrame) -> list[tuple[str, pd.Series]]:
 @torch.no_grad()
 def mean_reconstruction(checkpoint: str | Path, x: torch.Tensor, samples: int, seed: int = 0,
                         device: str = "cpu") -> torch.Tensor:
-    """Bernoulli means averaged over `samples` encoder samples, for the images of x.
+    """The decoder likelihood's means (Bernoulli: sigmoid of the logits; Gaussian: the
+    output) averaged over `samples` encoder samples, for the images of x.
 
     x is passed as one batch of at least the training batch size where available, because
     Echo draws each example's noise from the other examples of the batch.
@@ -133,7 +152,7 @@ def mean_reconstruction(checkpoint: str | Path, x: torch.Tensor, samples: int, s
     batch = x[: max(config.batch_size, RECON_IMAGES)].to(device)
     mean = torch.zeros_like(batch)
     for _ in range(samples):
-        mean += torch.sigmoid(model(batch, config.beta).logits)
+        mean += model.likelihood.mean(model(batch, config.beta).logits)
     return (mean / samples).cpu()
 
 

@@ -25,6 +25,7 @@ from pipeline.comparison import comparison_lines
 from pipeline.config import Params
 from pipeline.evaluation import EvaluationError, write_csv
 from pipeline.frontier import excluded, exclusion_reason, frontier_table
+from pipeline.known_answer import true_curve
 from pipeline.plots import rd_curves, reconstructions
 from pipeline.report import report, write_report
 from pipeline.results_tracking import publish
@@ -45,7 +46,8 @@ def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
     write_csv(frontier, files.frontier_csv)
     dataset = params.data.dataset
     rd_curves(evaluation, frontier, files.rd_curves_png,
-              title=f"{dataset}: rate-distortion on the test set; dotted: R + D = const")
+              title=f"{dataset}: rate-distortion on the test set; dotted: R + D = const",
+              truth=true_curve(params))
     try:
         x_test = load_prepared(params.data.prepared_path, "test")[0]
         reconstructions(frontier, x_test, files.reconstructions_png,

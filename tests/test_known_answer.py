@@ -208,6 +208,63 @@ def test_the_frontier_figure_gets_the_curve_of_the_params_data_set_and_decoder()
     assert true_curve(Params()) is None                       # digits: no known answer
 
 
+def _evaluation_csv(path, dataset):
+    """Two methods' test points a little above binary_source's curve R + D = H(X) = 6.458."""
+    import pandas as pd
+    from pipeline.evaluation import EVALUATION_COLUMNS
+    rows = [dict(trial_id=f"{m}{i}", method=m, beta=b, rate=r, distortion=d, seed=0)
+            for m, points in {"echo": [(0.5, 3.0, 3.9), (1.0, 2.0, 4.8)],
+                              "vae": [(0.5, 3.5, 3.3), (1.0, 1.5, 5.2)]}.items()
+            for i, (b, r, d) in enumerate(points)]
+    table = pd.DataFrame([{"dataset": dataset, "arch": "mlp", "latent_dim": 8, "lr": 1e-3,
+                           "status": "completed", "error": "", "checkpoint": "", "note": "",
+                           "rate_kind": "exact" if r["method"] == "echo" else "analytic_kl",
+                           **r} for r in rows])
+    table["neg_elbo"] = table["rate"] + table["distortion"]
+    table.reindex(columns=list(EVALUATION_COLUMNS)).to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("dataset", ["binary_source", "gaussian_source", "digits",
+                                     "binary_mnist"])
+def test_the_frontier_stage_draws_the_true_curve_where_the_data_set_has_one(
+        tmp_path, monkeypatch, dataset):
+    """stages.frontier passes params.yaml's known curve to rd_curves, which draws it as one
+    labelled black dashed line through D(R); a data set without a known answer gets none."""
+    import matplotlib.colors
+    import stages.frontier
+    from pipeline.config import Params
+    from pipeline.known_answer import true_curve
+    from pipeline.plots import TRUTH_LABEL, rd_curves
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"data: {{dataset: {dataset}}}\n")
+    (tmp_path / "results").mkdir()
+    _evaluation_csv(tmp_path / "results" / "evaluation.csv", dataset)
+    (tmp_path / "results" / "comparison.csv").write_text("a,b\n")
+    figures = []
+    monkeypatch.setattr(stages.frontier, "rd_curves",
+                        lambda *a, **k: figures.append(rd_curves(*a, **k)))
+    # No prepared data here: the stage stops at the reconstructions, after the R-D figure.
+    stages.frontier.main(["--params", "params.yaml"])
+    assert (tmp_path / "results" / "rd_curves.png").stat().st_size > 0
+    [figure] = figures
+    [ax] = figure.axes
+    truth = [line for line in ax.get_lines() if line.get_label() == TRUTH_LABEL]
+    curve = true_curve(Params.model_validate({"data": {"dataset": dataset}}))
+    if curve is None:
+        assert dataset in ("digits", "binary_mnist") and truth == []
+        assert TRUTH_LABEL not in ax.get_legend_handles_labels()[1]
+        return
+    [line] = truth
+    assert TRUTH_LABEL in ax.get_legend_handles_labels()[1]
+    assert line.get_linestyle() == "--"
+    assert matplotlib.colors.to_hex(line.get_color()) == "#000000"
+    rates, distortions = line.get_data()
+    assert rates.min() <= 0.0 + 1e-12 and rates.max() >= 3.5          # spans the rate axis
+    np.testing.assert_allclose(distortions, curve.distortion_at(rates))
+    visible = (rates >= 1.5) & (rates <= 3.5)                       # where the points are
+    assert ax.get_ylim()[0] <= distortions[visible].min()
+
+
 # --- a user's own arrays -----------------------------------------------------------------------
 
 def write_npz(folder, **arrays):
