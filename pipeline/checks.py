@@ -1,6 +1,7 @@
 """What the sweep checks before Ray starts, so that a sweep that cannot succeed fails in
 seconds with one line instead of after (or without) training: the device, the GPUs a local
-Ray would have, the data, and a write in every output folder.
+Ray would have, the data (and that the decoder can model it: a Bernoulli decoder needs values
+in [0, 1]), and a write in every output folder.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
+from echo.checkpoint import run_likelihood
 from echo.data import DataError
 from echo.train import load_train_test
 from pipeline.config import Params
@@ -24,14 +26,15 @@ from pipeline.trials import ARTIFACT_DIR, grid_points
 
 def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     """Fail before Ray starts: the device must exist here (for a local Ray), the data must
-    load and hold at least one batch, the experiment folder must lie outside the stage's
-    outputs (`check_writable` follows, once this driver holds the experiment)."""
+    load, hold at least one batch and suit the decoder (`check_decoder_data`), the experiment
+    folder must lie outside the stage's outputs (`check_writable` follows, once this driver
+    holds the experiment)."""
     check_device(params)
     check_experiment_place(params, root, files)
     base = trial_base(params, root)
     cfg = train_config({**base, **grid_points(params)[0], "beta": params.sweep.betas[0]})
     try:
-        x_train, _ = load_train_test(cfg)
+        x_train, x_test = load_train_test(cfg)
     except (DataError, ValueError, OSError) as err:
         raise SweepError(f"data: cannot load {params.data.dataset!r} ({data_error_line(err)}); run "
                          f"`python -m stages.prepare` or fix data.raw_dir") from err
@@ -39,6 +42,24 @@ def check_inputs(params: Params, root: Path, files: StageFiles) -> None:
     if n < params.train.batch_size:
         raise SweepError(f"train.batch_size={params.train.batch_size} exceeds the {n} training "
                          f"examples (sweep.train_limit={params.sweep.train_limit}); lower it")
+    check_decoder_data(params, run_likelihood(cfg), (("training", x_train), ("test", x_test)))
+
+
+def check_decoder_data(params: Params, likelihood, splits) -> None:
+    """Real-valued data under a Bernoulli decoder: values outside [0, 1] (a Gaussian source,
+    standardised features) have no Bernoulli likelihood, and every trial would fail in its
+    first epoch. Grey levels in [0, 1] are fine (cross-entropy targets, as for MNIST)."""
+    if likelihood.name != "bernoulli":
+        return
+    for split, x in splits:
+        if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+            chosen = (f"train.likelihood: {params.train.likelihood}" if params.train.likelihood
+                      else "the data set's declared decoder; train.likelihood unset")
+            raise SweepError(
+                f"data.dataset={params.data.dataset!r}: its {split} data has values outside "
+                f"[0, 1] (min {float(x.min()):.4g}, max {float(x.max()):.4g}), which a Bernoulli "
+                f"decoder ({chosen}) cannot model; set train.likelihood: gaussian (and "
+                f"train.gaussian_tau, its std) in params.yaml, or rescale the data into [0, 1]")
 
 
 def check_writable(params: Params, root: Path, files: StageFiles) -> None:

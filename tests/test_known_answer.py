@@ -265,6 +265,38 @@ def test_the_frontier_stage_draws_the_true_curve_where_the_data_set_has_one(
     assert ax.get_ylim()[0] <= distortions[visible].min()
 
 
+@pytest.mark.parametrize("dataset, likelihood, refused", [
+    ("gaussian_source", "bernoulli", True),     # real values under a Bernoulli decoder
+    ("gaussian_source", None, False),           # its own decoder: Gaussian
+    ("binary_source", None, False),
+    ("digits", None, False),                    # grey levels in [0, 1]: a Bernoulli is fine
+])
+def test_the_sweep_refuses_real_valued_data_under_a_bernoulli_decoder(
+        tmp_path, monkeypatch, capsys, dataset, likelihood, refused):
+    """Before Ray starts: one line naming data.dataset, the decoder and the fix; no tracking
+    store, no experiment folder. Data in [0, 1] under a Bernoulli decoder passes the check."""
+    from pipeline.checks import check_inputs
+    from pipeline.config import Params
+    from pipeline.stage_files import DEFAULT_FILES
+    from stages.sweep import main as sweep_main
+    train = {"epochs": 1, "batch_size": 50} | ({"likelihood": likelihood} if likelihood else {})
+    settings = {"data": {"dataset": dataset}, "train": train,
+                "sweep": {"name": "decoder", "methods": ["vae"], "betas": [1.0],
+                          "latent_dims": [4], "archs": ["mlp"], "train_limit": 100}}
+    monkeypatch.chdir(tmp_path)
+    if not refused:
+        check_inputs(Params.model_validate(settings), tmp_path, DEFAULT_FILES)
+        return
+    import yaml
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    assert sweep_main(["--params", "params.yaml"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "data.dataset='gaussian_source'" in line and "outside [0, 1]" in line
+    assert "Bernoulli" in line and "train.likelihood: bernoulli" in line
+    assert "set train.likelihood: gaussian" in line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
 # --- a user's own arrays -----------------------------------------------------------------------
 
 def write_npz(folder, **arrays):
