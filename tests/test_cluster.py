@@ -91,7 +91,9 @@ def test_aws_cluster_and_image_agree_on_where_the_project_lives():
     holds the code the sweep imports."""
     _, workdir, ignore = _dockerfile()
     config = _load("cluster.yaml")
-    mounts = config["file_mounts"]
+    # Ray's auth token goes to the image user's home (tests/test_cluster_security.py).
+    mounts = {t: s for t, s in config["file_mounts"].items()
+              if s != "~/.config/echo-rd/ray-cluster-token"}
     assert mounts, "cluster.yaml mounts params and data"
     for target, source in mounts.items():
         assert Path(target).parent.as_posix() in (workdir, f"{workdir}/data"), target
@@ -295,6 +297,12 @@ def test_ray_up_submit_down_on_an_onprem_cluster_over_ssh(tmp_path: Path, ssh_he
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     config["auth"] = {"ssh_user": "root", "ssh_private_key": str(ssh_head["key"]),
                       "ssh_proxy_command": ssh_head["proxy"]}
+    # The cluster's Ray token, as `python -m pipeline.cluster_auth` makes it, from a throwaway
+    # home (the head then runs in token mode and the driver finds the token at ~/.ray/auth_token).
+    from pipeline.cluster_auth import RAY_TOKEN, ensure_token
+    token, _ = ensure_token(tmp_path / "local-home")
+    config["file_mounts"] = {t: (str(token) if s == RAY_TOKEN else s)
+                             for t, s in config["file_mounts"].items()}
     gcs, dashboard, agent = _free_ports(3)
     start = [c for c in config["head_start_ray_commands"] if "--port=6379" in c]
     assert len(start) == 1
