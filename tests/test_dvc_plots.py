@@ -5,6 +5,7 @@ scripts in a real headless Chromium with the network cut off.
 - DVC hands CSV values to Vega as strings: the frontier is still drawn in numeric order of rate
   ("8.52" < "18.0" < "45.9", not as text), on numeric axes;
 - `dvc plots diff` draws each revision's curves apart (one line per method and revision);
+- each method is drawn in its colour of results/rd_curves.png and MLflow (pipeline.colors);
 - the page renders offline (.dvc/config's html_template inlines vega, vega-lite, vega-embed)."""
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.colors import METHOD_COLORS, method_color
 from system_tools import chromium
 
 REPO = Path(__file__).resolve().parents[1]
 FRONTIER = "R-D frontier per method"
 TRIALS = "Every evaluated trial"
 # Rates whose text order is not their numeric order, per method, distortion falling with rate.
-RATES = {"echo": [8.52, 18.0, 45.9], "vae": [4.5, 10.25, 100.5]}
+# A method without a fixed colour ("my-method") gets pipeline.colors' spare one.
+RATES = {"echo": [8.52, 18.0, 45.9], "vae": [4.5, 10.25, 100.5], "my-method": [3.0, 7.5, 30.0]}
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082")
 
@@ -101,9 +104,10 @@ WALK = """async (spec) => {
     (function walk(node) {
         if (node.marktype === 'line')
             lines.push(node.items.map(i => ({x: i.x, rate: i.datum.rate, rev: i.datum.rev,
-                                              series: i.datum.series})));
+                                              series: i.datum.series, stroke: i.stroke})));
         if (node.marktype === 'symbol' && node.role === 'mark')     // not the legend's
-            points.push(...node.items.map(i => ({rate: i.datum.rate, x: i.x})));
+            points.push(...node.items.map(i => ({rate: i.datum.rate, x: i.x, fill: i.fill,
+                                                  method: i.datum.method})));
         (node.items || []).forEach(walk);
     })(result.view.scenegraph().root);
     return {lines, points, height: el.getBoundingClientRect().height};
@@ -157,6 +161,8 @@ def test_plots_render_offline_in_numeric_order_and_diff_separates_revisions(plot
                 assert rates == sorted(rates) == RATES[line[0]["series"]], rates
                 xs = [p["x"] for p in line]
                 assert xs == sorted(xs), xs                       # drawn left to right
+                # in the method's colour of rd_curves.png and MLflow
+                assert {p["stroke"] for p in line} == {method_color(line[0]["series"])}
             drawn = page.evaluate(WALK, diff[FRONTIER])
             lines = {(line[0]["rev"], line[0]["series"]) for line in drawn["lines"]}
             assert lines == {(rev, m) for rev in ("HEAD", "workspace") for m in RATES}
@@ -167,6 +173,7 @@ def test_plots_render_offline_in_numeric_order_and_diff_separates_revisions(plot
             assert len(trials["points"]) == sum(map(len, RATES.values()))
             placed = sorted(trials["points"], key=lambda p: p["x"])
             assert [p["rate"] for p in placed] == sorted(r for rs in RATES.values() for r in rs)
+            assert all(p["fill"] == method_color(p["method"]) for p in placed), placed
         finally:
             browser.close()
 
@@ -175,3 +182,20 @@ def test_plots_in_dvc_yaml_use_the_shipped_templates():
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     templates = [list(p.values())[0]["template"] for p in plots if isinstance(p, dict)]
     assert templates and all((REPO / t).is_file() for t in templates)
+
+
+@pytest.mark.parametrize("template", ["rd_frontier.json", "rd_points.json"])
+def test_the_templates_colour_each_method_as_pipeline_colors_does(template):
+    """The colour scale's range is each method's colour (a calculated field, so that the legend
+    lists only the methods drawn): the mapping in the template is METHOD_COLORS, its fallback
+    the colour method_color gives any other method; the toNumber transforms stay first."""
+    spec = json.loads((REPO / ".dvc/plots" / template).read_text())
+    transforms = spec["transform"]
+    assert [t.get("calculate", "")[:9] for t in transforms[:2]] == ["toNumber("] * 2
+    [colour] = [t for t in transforms if t.get("as") == "method_color"]
+    mapping, fallback = colour["calculate"].split("[datum.method] || ")
+    mapping = json.loads(mapping.replace("'", '"'))
+    assert mapping == METHOD_COLORS
+    assert fallback.strip("'") == method_color("a-method-added-later") == method_color("x")
+    encoding = spec["encoding"]["color"]
+    assert encoding["field"] == "method" and encoding["scale"] == {"range": {"field": "method_color"}}
