@@ -135,3 +135,20 @@ def test_every_registered_download_has_a_checksum_or_is_refused(tmp_path, monkey
             continue
         with pytest.raises(DataError, match="records no checksum"):
             data.download(spec, tmp_path / name)
+
+
+def test_binary_mnist_amat_files_are_verified_against_their_recorded_sha256(tmp_path, mirror):
+    """The Larochelle & Murray .amat files (the paper's data) carry the sha256 that TensorFlow
+    Datasets records for the same mirror: a mirror serving anything else is refused in one
+    line naming the file and both digests, and nothing appears."""
+    served, url = mirror
+    spec = dataclasses.replace(data.dataset_spec("binary_mnist"), mirrors=(url,))
+    assert set(spec.sha256) == set(spec.files)               # every .amat file has one
+    for name in spec.files:
+        (served / name).write_text("0 1 " * 392 + "\n")       # a well-formed but wrong file
+    with pytest.raises(DataError) as err:
+        data.download(spec, tmp_path / "binary_mnist")
+    message = str(err.value)
+    assert "\n" not in message and ".amat" in message
+    assert any(spec.sha256[name] in message for name in spec.files), message
+    assert not list((tmp_path / "binary_mnist").glob("*.amat"))
