@@ -311,23 +311,35 @@ def describe_parents(client, parents: list[str], table_md: Path) -> bool:
 VIEW_TAG = "mlflow.sharedViewState."
 VIEW_KEY = "echo-rd-rate-distortion"
 RD_AXES = ("final_test_rate", "final_test_distortion")
+# The parallel-coordinates chart's axes: only what every method's run has. MLflow leaves out of
+# a parallel-coordinates chart every run that lacks one of its metrics, and Echo has no IWAE
+# metric (its marginal q(z) is not a density, so there is no importance-weighted likelihood),
+# so final_test_iwae_neg_log_lik would silently drop every Echo run from it.
+PARALLEL_PARAMS = ("method", "beta")
+PARALLEL_METRICS = (*RD_AXES, "final_test_neg_elbo")
 
 
 def chart_view_state(sweep_uid: str) -> dict:
     """The runs page of one sweep (parent and trials) in chart mode, every run shown, with a
-    scatter chart of every trial's final test rate against its distortion."""
+    scatter chart of every trial's final test rate against its distortion and a parallel-
+    coordinates chart of method, beta, rate, distortion and -ELBO (no IWAE: see
+    PARALLEL_METRICS)."""
     section = "echo-rd-rate-distortion"
     scatter = {"uuid": "echo-rd-rd-scatter", "type": "SCATTER", "runsCountToCompare": 10000,
                "metricSectionId": section, "deleted": False, "isGenerated": False,
                "xaxis": {"key": RD_AXES[0], "type": "METRIC"},
                "yaxis": {"key": RD_AXES[1], "type": "METRIC"}}
+    parallel = {"uuid": "echo-rd-parallel", "type": "PARALLEL", "runsCountToCompare": 10000,
+                "metricSectionId": section, "deleted": False, "isGenerated": False,
+                "selectedParams": list(PARALLEL_PARAMS), "selectedMetrics": list(PARALLEL_METRICS),
+                "showAllRuns": True}
     return {"searchFilter": f"tags.`echo.sweep_uid` = '{sweep_uid}'",
             "orderByKey": "attributes.start_time", "orderByAsc": True, "startTime": "ALL",
             "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
             "selectedColumns": [f"metrics.`{m}`" for m in (*RD_AXES, "final_test_neg_elbo")]
             + ["params.`method`", "params.`beta`"],
             "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
-            "compareRunCharts": [scatter],
+            "compareRunCharts": [scatter, parallel],
             "compareRunSections": [{"uuid": section, "name": "Rate-distortion (test set)",
                                     "display": True, "isReordered": False, "deleted": False,
                                     "isGenerated": False}],

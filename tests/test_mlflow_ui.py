@@ -152,6 +152,20 @@ def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monke
     assert not missing_db.exists()
 
 
+def test_the_saved_view_charts_only_metrics_every_method_has():
+    """MLflow drops from a parallel-coordinates chart every run without one of its metrics;
+    Echo logs no IWAE metric (no density), so the saved view's charts never use it, and its
+    parallel-coordinates chart has only params and metrics that Echo's runs have too."""
+    from pipeline.results_tracking import FINAL_METRICS, chart_view_state
+    charts = chart_view_state("uid")["compareRunCharts"]
+    assert "iwae" not in json.dumps(charts)
+    [parallel] = [c for c in charts if c["type"] == "PARALLEL"]
+    echo_metrics = {metric for column, metric in FINAL_METRICS if column != "iwae_neg_log_lik"}
+    assert set(parallel["selectedMetrics"]) <= echo_metrics and parallel["showAllRuns"]
+    assert set(parallel["selectedParams"]) <= {"method", "beta"}
+    assert len(parallel["selectedParams"]) + len(parallel["selectedMetrics"]) >= 2   # drawn
+
+
 # ---- slow: a real tiny pipeline, a real `mlflow ui`, a real browser --------------------------
 
 
@@ -309,6 +323,13 @@ def test_from_the_printed_link_the_ui_compares_every_trial_and_shows_the_answer(
             fills = points.evaluate_all("ps => ps.map(p => getComputedStyle(p).fill)")
             expected = {_rgb(method_color(m)) for m in UI_TRIALS.values()}
             assert len(fills) == len(UI_TRIALS) and set(fills) == expected, fills
+            # The parallel-coordinates chart (Plotly parcoords) keeps Echo: its method axis
+            # lists every method (a run without one of its metrics would be left out).
+            page.wait_for_function(
+                "n => document.querySelectorAll('.parcoords .axis .tick text').length >= n",
+                arg=len(UI_TRIALS), timeout=wait)
+            ticks = set(page.locator(".parcoords .axis .tick text").all_inner_texts())
+            assert set(UI_TRIALS.values()) <= ticks, ticks
 
             # The parent run: its metrics, its description and the figure in it.
             page.goto(f"{url}/#/experiments/{experiment}/runs/{parent_id}", timeout=wait)
