@@ -328,7 +328,8 @@ def test_from_the_printed_link_the_ui_compares_every_trial_and_shows_the_answer(
             page.wait_for_function(
                 "n => document.querySelectorAll('.parcoords .axis .tick text').length >= n",
                 arg=len(UI_TRIALS), timeout=wait)
-            ticks = set(page.locator(".parcoords .axis .tick text").all_inner_texts())
+            ticks = set(page.locator(".parcoords .axis .tick text").evaluate_all(
+                "ts => ts.map(t => t.textContent)"))           # SVG text: no innerText
             assert set(UI_TRIALS.values()) <= ticks, ticks
 
             # The parent run: its metrics, its description and the figure in it.
