@@ -96,8 +96,8 @@ def floor_lines(best: pd.DataFrame) -> list[str]:
             others = ", ".join(f"{m} {r:.2f}" for m, r in below.items())
             lines.append(f"- {where}. The limit binds: {others} nats lie below it, where "
                          f"{method} cannot go at this latent size, so part of {method}'s "
-                         f"−ELBO gap here is the limit's cost, not the channel's (fewer "
-                         f"latents lower it, docs/methods.md).")
+                         f"−ELBO gap to {', '.join(below)} here may be the limit's cost, not "
+                         f"the channel's (fewer latents lower it, docs/methods.md).")
         else:
             lines.append(f"- {where}. The limit does not bind: every other method's rate "
                          f"there is above it.")
