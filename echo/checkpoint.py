@@ -19,6 +19,7 @@ from .files import atomic_write
 from .graphs import portable_optimizer_state
 from .data import REGISTRY
 from .methods import Autoencoder, build_model
+from .metrics import upgrade_record
 from .networks import Bernoulli, Gaussian, make_likelihood
 from .settings import TrainConfig
 
@@ -57,12 +58,23 @@ def write_run(out: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (tensors and plain data only)."""
+    """Load a checkpoint safely (tensors and plain data only); the history of an older one in
+    today's epoch record (`upgrade_history`)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
                          f"{_load_error_reason(err)}); delete it to retrain from scratch") from err
+    if isinstance(state, dict) and isinstance(state.get("history"), list) and \
+            isinstance(state.get("config"), dict) and "beta" in state["config"]:
+        state["history"] = upgrade_history(state["history"], float(state["config"]["beta"]))
+    return state
+
+
+def upgrade_history(history: list[dict], beta: float) -> list[dict]:
+    """A checkpoint's history with every epoch in today's record (echo.metrics.upgrade_record:
+    checkpoints written before the record held the losses and `epoch_lr`). A new list."""
+    return [upgrade_record(entry, beta) for entry in history]
 
 
 def _load_error_reason(err: Exception) -> str:

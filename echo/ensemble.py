@@ -32,11 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .checkpoint import checkpoint_dict, make_model, write_run
+from .checkpoint import write_run
 from .compiling import compile_model
-from .device import resolve_device, tune_backends
-from .graphs import GraphedStep, graph_ready_adam
-from .loop import Member, adam_with_schedule, device_data, train_epochs
+from .loop import train_members
 from .methods import Autoencoder
 from .metrics import batches, mean_metrics
 from .settings import TrainConfig
@@ -282,33 +280,40 @@ def member_configs(config: TrainConfig, betas: Sequence[float] | None,
 
 
 class _EnsembleTrainee:
-    """The loop's Trainee for an ensemble: one stacked step for all K members."""
+    """The loop's Trainee for an ensemble: one stacked forward for all K members."""
+    stacked = True
 
-    def __init__(self, ensemble: Ensemble, optimizer, x_test: Tensor, batch_size: int,
-                 graphs: bool):
+    def __init__(self, ensemble: Ensemble, x_test: Tensor, batch_size: int):
         self.ensemble, self.x_test, self.batch_size = ensemble, x_test, batch_size
         self.full_betas = ensemble.betas.clone()   # the warm-up scales them in place
-
-        def train_step(x: Tensor) -> Tensor:
-            out = ensemble(x)                                       # x: [K, B, ...]
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            return member_metric_sums(out)
-
         # The test evaluation stays eager: its vmap over a shared batch did not capture (H200,
         # torch 2.11: the capture was invalidated inside the Echo noise), and it is ~5% of an
         # epoch.
-        self.graphed = GraphedStep(train_step, enabled=graphs)
 
-    def step(self, x: Tensor) -> Tensor:
-        return self.graphed(x)
+    def parameters(self):
+        return self.ensemble.parameters()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.ensemble(x)                                       # x: [K, B, ...]
+        return out.loss, out.rate, out.distortion
 
     def scale_betas(self, fraction: float) -> None:
         torch.mul(self.full_betas, fraction, out=self.ensemble.betas)
 
     def evaluate(self) -> list[dict]:
         return evaluate_ensemble(self.ensemble, self.x_test, self.batch_size)
+
+    def member_model(self, k: int) -> Autoencoder:
+        return self.ensemble.member(k).to(self.x_test.device)
+
+    def member_state(self, k: int, optimizer) -> tuple[dict, dict]:
+        return (self.ensemble.member(k).state_dict(),
+                self.ensemble.member_optimizer_state(optimizer, k))
+
+    def load_members(self, models: list[dict], optimizers: list[dict], optimizer) -> None:
+        for k, model in enumerate(models):
+            self.ensemble.load_member(k, model)
+        self.ensemble.load_member_optimizer_states(optimizer, optimizers)
 
 
 def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
@@ -318,82 +323,36 @@ def fit_ensemble(config: TrainConfig, *, betas: Sequence[float] | None = None,
     """Train K members (one per beta and/or seed) as one ensemble; one `FitResult` per member,
     in the order given. Member k stands for `fit(replace(config, beta=betas[k], seed=seeds[k]))`.
 
-    `on_epoch(epoch, metrics, state)`: the members' metric dicts (keys as in `fit`, + member,
+    `on_epoch(epoch, records, state)`: the members' epoch records (keys as in `fit`, + member,
     beta, seed; None for a member that has stopped) and `state()`, the members' checkpoint
     dicts, which `resume=` continues from. A member whose training loss turns non-finite stops
     (its `FitResult.stopped` says why, its history ends before that epoch) and the others go
     on; `NonFiniteLossError` only when every member has stopped. With `config.out`, member k's
-    checkpoint.pt and metrics.json go to `<out>/member_<k>/`."""
+    checkpoint.pt and metrics.json go to `<out>/member_<k>/`. Set-up, resume, the optimiser
+    step (`train.grad_clip` per member) and the epoch loop are `fit`'s: echo.loop.train_members."""
     configs = member_configs(config, betas, seeds)
-    device = resolve_device(config.device)
-    tune_backends(device)
-    x_train, x_test = device_data(config, device)
-    input_shape = tuple(x_train.shape[1:])
-    models = []
-    for member_config in configs:
-        torch.manual_seed(member_config.seed)   # the initial weights of the separate run
-        models.append(make_model(member_config, input_shape))
-    ensemble = Ensemble(models, [c.beta for c in configs], strategy=strategy,
-                        compile=config.compile).to(device)
-    graphs = config.cuda_graph and device.type == "cuda"
-    steps = len(batches(len(x_train), config.batch_size, shuffle=False))
-    optimizer, scheduler = adam_with_schedule(ensemble.parameters(), config, steps, graphs=graphs)
-    torch.manual_seed(configs[0].seed)
-    members = [Member(c) for c in configs]
-    first_epoch = 1
-    if resume is not None:
-        first_epoch = _resume(ensemble, optimizer, scheduler, members, list(resume), graphs)
+    built = {}
 
-    done = {"epoch": first_epoch - 1}        # epochs the loop has finished
+    def stacked(models, device, x_test, graphs):
+        built["ensemble"] = Ensemble(models, [c.beta for c in configs], strategy=strategy,
+                                     compile=config.compile).to(device)
+        built["trainee"] = _EnsembleTrainee(built["ensemble"], x_test, config.batch_size)
+        return built["trainee"]
 
-    def state() -> list[dict]:
-        return [checkpoint_dict(model=ensemble.member(i).state_dict(),
-                                optimizer=ensemble.member_optimizer_state(optimizer, i),
-                                scheduler=scheduler.state_dict(), epoch=done["epoch"],
-                                history=m.history, config=m.config, input_shape=input_shape,
-                                stopped=m.stopped)
-                for i, m in enumerate(members)]
-
-    def each_epoch(epoch: int, metrics: list[dict | None]) -> None:
-        done["epoch"] = epoch
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, state)
-
-    trainee = _EnsembleTrainee(ensemble, optimizer, x_test, config.batch_size, graphs)
     try:
-        train_epochs(config, trainee, members, x_train, optimizer, scheduler,
-                     first_epoch=first_epoch, on_epoch=each_epoch,
-                     describe=f"{config.method} ensemble of {len(members)}")
+        trainee, members, state = train_members(
+            config, configs, stacked, on_epoch=on_epoch,
+            resume=None if resume is None else list(resume),
+            describe=f"{config.method} ensemble of {len(configs)}")
     finally:
-        ensemble.betas.copy_(trainee.full_betas)
+        if "trainee" in built:
+            built["ensemble"].betas.copy_(built["trainee"].full_betas)
     results = []
     states = state() if config.out is not None else None
     for i, member in enumerate(members):
-        results.append(FitResult(model=ensemble.member(i).to(device), history=member.history,
+        results.append(FitResult(model=trainee.member_model(i), history=member.history,
                                  metrics=member.history[-1] if member.history else {},
                                  stopped=member.stopped))
         if states is not None:
             write_run(Path(config.out) / f"member_{i}", states[i])
     return results
-
-
-def _resume(ensemble: Ensemble, optimizer, scheduler, members: list[Member],
-            states: list[dict], graphs: bool) -> int:
-    """Load the members' checkpoint dicts (as `state()` gave them); the next epoch to train."""
-    if len(states) != len(members):
-        raise ValueError(f"resume holds {len(states)} member checkpoints for an ensemble of "
-                         f"{len(members)}")
-    for i, (member, s) in enumerate(zip(members, states)):
-        if float(s["config"]["beta"]) != member.config.beta or int(s["config"]["seed"]) != \
-                member.config.seed:
-            raise ValueError(f"resume: member {i}'s checkpoint is for beta {s['config']['beta']}, "
-                             f"seed {s['config']['seed']}, not beta {member.config.beta}, seed "
-                             f"{member.config.seed}")
-        ensemble.load_member(i, s["model"])
-        member.history, member.stopped = list(s["history"]), s.get("stopped")
-    ensemble.load_member_optimizer_states(optimizer, [s["optimizer"] for s in states])
-    if graphs:
-        graph_ready_adam(optimizer, ensemble.betas.device)
-    scheduler.load_state_dict(states[0]["scheduler"])
-    torch.set_rng_state(states[0]["rng"])
-    return int(states[0]["epoch"]) + 1

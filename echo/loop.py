@@ -1,12 +1,18 @@
 """The one training loop, for a single model (`echo.train.fit`) and for K models trained side by
-side (`echo.ensemble.fit_ensemble`): the data on the device, Adam and its schedule, the epoch
-loop, the non-finite check, an epoch's metrics and the checkpoints, each written once here.
+side (`echo.ensemble.fit_ensemble`): the set-up (data on the device, each member's initial
+weights, Adam and its schedule), the resume path, the optimiser step, the epoch loop, the
+non-finite check, the epoch record and the checkpoints, each written once here
+(`train_members`).
 
 A `Trainee` is what the loop trains: K >= 1 members with one optimiser. The loop hands it one
 batch per member ([K, B, ...], every member its own batch order, as K separate runs would
-have) and gets back each member's summed rate and distortion ([K, 2]). A member whose
-training loss turns NaN or infinite stops with its reason and the others go on; when no member
-is left the run fails with `NonFiniteLossError` (for a single model: at once).
+have) and gets back each member's loss, rates and distortions. A member whose training loss
+turns NaN or infinite stops with its reason and the others go on; when no member is left the
+run fails with `NonFiniteLossError` (for a single model: at once).
+
+The epoch record (`epoch_record`, names in `EPOCH_METRICS`) is what `fit` returns in its
+history, what checkpoints keep and what the sweep reports, logs to MLflow, writes to
+results/sweep.csv and backfills from a checkpoint: it is defined here and nowhere else.
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from .checkpoint import run_likelihood
+from .checkpoint import checkpoint_dict, make_model, run_likelihood, upgrade_history
 from .data import load_dataset, load_prepared
-from .graphs import graph_ready_adam
-from .metrics import batches, mean_metrics
+from .device import resolve_device, tune_backends
+from .graphs import GraphedStep, graph_ready_adam
+from .methods import Autoencoder
+from .metrics import EPOCH_METRICS, batches, epoch_record, mean_metrics
 from .settings import TrainConfig
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -91,17 +99,32 @@ def adam_with_schedule(parameters, config: TrainConfig, steps_per_epoch: int, *,
 
 
 class Trainee(Protocol):
-    """What `train_epochs` trains (a model, or an ensemble of K)."""
+    """What `train_members` trains (a model, or an ensemble of K): built from the members'
+    models, it holds their parameters (stacked [K, ...] when `stacked`) for one optimiser."""
 
-    def step(self, x: Tensor) -> Tensor:
-        """One optimiser step on one batch per member [K, B, ...]; each member's [rate,
-        distortion] sums [K, 2], left on the device."""
+    stacked: bool
+
+    def parameters(self):
+        """The tensors Adam updates (with a leading member dimension when `stacked`)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One batch per member [K, B, ...] -> (the summed member losses, a scalar whose
+        gradient is each member's own; rates [K, B]; distortions [K, B])."""
 
     def scale_betas(self, fraction: float) -> None:
         """Train the next steps at `fraction` of each member's beta (the warm-up)."""
 
     def evaluate(self) -> list[dict]:
         """Each member's mean test rate, distortion and -ELBO."""
+
+    def member_model(self, k: int) -> Autoencoder:
+        """Member k as a model of its own (on the training device)."""
+
+    def member_state(self, k: int, optimizer) -> tuple[dict, dict]:
+        """Member k's model state_dict and the Adam state_dict its separate run would have."""
+
+    def load_members(self, models: list[dict], optimizers: list[dict], optimizer) -> None:
+        """The inverse of `member_state` for every member at once."""
 
 
 @dataclass
@@ -117,14 +140,125 @@ def epoch_orders(n: int, members: int, device) -> Tensor:
     return torch.stack([torch.randperm(n, device=device) for _ in range(members)])
 
 
+def clip_member_grads_(parameters, max_norm: float, *, stacked: bool) -> None:
+    """Scale each member's gradient down to L2 norm `max_norm` where it is longer, in place:
+    `torch.nn.utils.clip_grad_norm_` per member. One norm over an ensemble's stacked
+    parameters would couple the members (one member's large gradient would shrink every
+    other's); here member k's norm is over slice k of every parameter, so clipping leaves the
+    others' gradients as they were. No host synchronisation (a CUDA graph captures it)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    k = grads[0].shape[0] if stacked else 1
+    # Per parameter, each member's norm [K]; then the norm of those norms, as torch does.
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads], 1)
+    scale = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view((k,) + (1,) * (g.dim() - 1) if stacked else (1,) * g.dim()))
+
+
+def optimiser_step(trainee: Trainee, optimizer, grad_clip: float | None):
+    """The one training step of every run: forward, backward, the gradient clip where asked,
+    Adam. Returns each member's [summed rate, summed distortion] [K, 2], left on the device."""
+    parameters = list(trainee.parameters())
+
+    def step(x: Tensor) -> Tensor:
+        loss, rate, distortion = trainee.forward(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            clip_member_grads_(parameters, grad_clip, stacked=trainee.stacked)
+        optimizer.step()
+        return torch.stack([rate.sum(1), distortion.sum(1)], 1).detach()
+    return step
+
+
+def train_members(config: TrainConfig, configs: list[TrainConfig],
+                  trainee_for: Callable[[list[Autoencoder], torch.device, Tensor, bool], Trainee],
+                  *, on_epoch: Callable[[int, list[dict | None], Callable[[], list[dict]]], None]
+                  | None = None, resume: list[dict] | None = None,
+                  describe: str = "") -> tuple[Trainee, list[Member], Callable[[], list[dict]]]:
+    """Set up, resume and train K members (`configs`: one per member; `config`: the settings
+    they share). Member k starts from the weights of its separate run (built after
+    `torch.manual_seed(configs[k].seed)`); the random stream of training goes on from there
+    (for one member: exactly its separate run's). `trainee_for(models, device, x_test,
+    graphs)` builds the Trainee. `resume`: the members' checkpoint dicts, as `state()` gives
+    them. Returns the trainee, the members (history, why stopped) and `state()`."""
+    device = resolve_device(config.device)
+    tune_backends(device)
+    torch.manual_seed(configs[0].seed)
+    x_train, x_test = device_data(config, device)
+    input_shape = tuple(x_train.shape[1:])
+    models = []
+    for member_config in configs:
+        torch.manual_seed(member_config.seed)     # the initial weights of the separate run
+        models.append(make_model(member_config, input_shape))
+    graphs = config.cuda_graph and device.type == "cuda"
+    trainee = trainee_for(models, device, x_test, graphs)
+    steps = len(batches(len(x_train), config.batch_size, shuffle=False))
+    optimizer, scheduler = adam_with_schedule(trainee.parameters(), config, steps, graphs=graphs)
+    members = [Member(c) for c in configs]
+    first_epoch = 1
+    if resume is not None:
+        first_epoch = resume_members(trainee, optimizer, scheduler, members, list(resume),
+                                     device, graphs)
+    done = {"epoch": first_epoch - 1}        # epochs the loop has finished
+
+    def state() -> list[dict]:
+        states = []
+        for k, member in enumerate(members):
+            model, adam = trainee.member_state(k, optimizer)
+            states.append(checkpoint_dict(model=model, optimizer=adam,
+                                          scheduler=scheduler.state_dict(), epoch=done["epoch"],
+                                          history=member.history, config=member.config,
+                                          input_shape=input_shape, stopped=member.stopped))
+        return states
+
+    def each_epoch(epoch: int, metrics: list[dict | None]) -> None:
+        done["epoch"] = epoch
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, state)
+
+    train_epochs(config, trainee, members, x_train, optimizer, scheduler,
+                 GraphedStep(optimiser_step(trainee, optimizer, config.grad_clip),
+                             enabled=graphs),
+                 first_epoch=first_epoch, on_epoch=each_epoch, describe=describe)
+    return trainee, members, state
+
+
+def resume_members(trainee: Trainee, optimizer, scheduler, members: list[Member],
+                   states: list[dict], device: torch.device, graphs: bool) -> int:
+    """Load the members' checkpoint dicts (as `state()` gave them, or `load_checkpoint` read
+    them); the next epoch to train. A checkpoint of another beta or seed is refused by name."""
+    if len(states) != len(members):
+        raise ValueError(f"resume holds {len(states)} member checkpoints for "
+                         f"{len(members)} member(s)")
+    for i, (member, s) in enumerate(zip(members, states)):
+        if float(s["config"]["beta"]) != member.config.beta or int(s["config"]["seed"]) != \
+                member.config.seed:
+            raise ValueError(f"resume: member {i}'s checkpoint is for beta {s['config']['beta']}, "
+                             f"seed {s['config']['seed']}, not beta {member.config.beta}, seed "
+                             f"{member.config.seed}")
+        member.history = upgrade_history(s["history"], member.config.beta)
+        member.stopped = s.get("stopped")
+    trainee.load_members([s["model"] for s in states], [s["optimizer"] for s in states],
+                         optimizer)
+    if graphs:
+        graph_ready_adam(optimizer, device)
+    scheduler.load_state_dict(states[0]["scheduler"])
+    torch.set_rng_state(states[0]["rng"])
+    return int(states[0]["epoch"]) + 1
+
+
 def train_epochs(config: TrainConfig, trainee: Trainee, members: list[Member], x_train: Tensor,
-                 optimizer, scheduler, *, first_epoch: int = 1,
+                 optimizer, scheduler, step: Callable[[Tensor], Tensor], *,
+                 first_epoch: int = 1,
                  on_epoch: Callable[[int, list[dict | None]], None] | None = None,
                  describe: str = "") -> None:
-    """Epochs `first_epoch`..`config.epochs`. After each, every member still training gets its
-    metrics (`epoch`, `lr`, `epoch_seconds`, `train_*`, `test_*`, + `member`, `beta`, `seed` for
-    an ensemble) appended to its history, and `on_epoch(epoch, metrics)` sees them (None for a
-    member that has stopped)."""
+    """Epochs `first_epoch`..`config.epochs` of `step` (`optimiser_step`, graphed where asked).
+    After each, every member still training gets its epoch record (`epoch_record`; + `member`,
+    `beta`, `seed` for an ensemble) appended to its history, and `on_epoch(epoch, records)`
+    sees them (None for a member that has stopped)."""
     k = len(members)
     sizes = [len(i) for i in batches(len(x_train), config.batch_size, shuffle=False)]
     progress = progress_bar(config, first_epoch, describe or config.method)
@@ -134,28 +268,28 @@ def train_epochs(config: TrainConfig, trainee: Trainee, members: list[Member], x
         seen = 0
         for idx in epoch_orders(len(x_train), k, x_train.device).split(sizes, dim=1):
             trainee.scale_betas(beta_factor(scheduler.last_epoch, config.beta_warmup_steps))
-            sums += trainee.step(x_train[idx])
+            sums += step(x_train[idx])
             scheduler.step()
             seen += idx.shape[1]
         train = [mean_metrics(row, seen) for row in sums]
         stop_nonfinite(members, train, epoch)
         test = trainee.evaluate()
         lr, seconds = float(optimizer.param_groups[0]["lr"]), time.perf_counter() - start
-        epoch_metrics: list[dict | None] = []
+        records: list[dict | None] = []
         for i, member in enumerate(members):
             if member.stopped:
-                epoch_metrics.append(None)
+                records.append(None)
                 continue
-            metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": seconds,
-                       **({"member": i, "beta": member.config.beta, "seed": member.config.seed}
-                          if k > 1 else {}),
-                       **{f"train_{n}": v for n, v in train[i].items()},
-                       **{f"test_{n}": v for n, v in test[i].items()}}
-            member.history.append(metrics)
-            epoch_metrics.append(metrics)
-        progress(epoch, [m for m in epoch_metrics if m is not None])
+            record = {"epoch": epoch,
+                      **({"member": i, "beta": member.config.beta, "seed": member.config.seed}
+                         if k > 1 else {}),
+                      **epoch_record(train[i], test[i], beta=member.config.beta, lr=lr,
+                                     seconds=seconds)}
+            member.history.append(record)
+            records.append(record)
+        progress(epoch, [m for m in records if m is not None])
         if on_epoch is not None:
-            on_epoch(epoch, epoch_metrics)
+            on_epoch(epoch, records)
 
 
 def stop_nonfinite(members: list[Member], train: list[dict], epoch: int) -> None:

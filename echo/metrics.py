@@ -10,6 +10,15 @@ from torch import Tensor
 from .methods import Autoencoder
 
 METRIC_NAMES = ("rate", "distortion", "neg_elbo")
+# The epoch record: every value a run reports per epoch, in this order, beside its `epoch`.
+# `fit` returns it (history), checkpoints keep it, and the sweep reports it to Tune, logs it to
+# MLflow (step = epoch), writes the last one to results/sweep.csv and backfills MLflow from a
+# checkpoint's history: adding a value here is all it takes. Its names must not be settings'
+# (a setting column of sweep.csv would be overwritten): hence `epoch_lr`, the learning rate
+# the schedule had reached at the epoch's end, beside the `lr` setting it started from.
+EPOCH_METRICS = ("epoch_lr", "epoch_seconds",
+                 *(f"{split}_{name}" for split in ("train", "test")
+                   for name in (*METRIC_NAMES, "loss")))
 IWAE_ROWS = 2000            # images decoded at once by the IWAE bound (bounds memory)
 
 
@@ -35,6 +44,36 @@ def mean_metrics(sums: Tensor, count: int) -> dict:
     numbers do not depend on float32 reduction order."""
     rate, distortion = (sums / count).tolist()
     return {"rate": rate, "distortion": distortion, "neg_elbo": rate + distortion}
+
+
+def loss_of(metrics: dict, beta: float) -> float:
+    """The objective trained, D + beta R, from mean metrics (after the warm-up; a method's
+    extra penalty, InfoVAE's MMD, is not in it): the search metric `train_/test_loss`."""
+    return metrics["distortion"] + beta * metrics["rate"]
+
+
+def epoch_record(train: dict, test: dict, *, beta: float, lr: float, seconds: float) -> dict:
+    """One epoch's record (EPOCH_METRICS) from its mean train and test metrics."""
+    record = {"epoch_lr": lr, "epoch_seconds": seconds}
+    for split, metrics in (("train", train), ("test", test)):
+        record.update({f"{split}_{name}": metrics[name] for name in METRIC_NAMES})
+        record[f"{split}_loss"] = loss_of(metrics, beta)
+    return record
+
+
+def upgrade_record(entry: dict, beta: float) -> dict:
+    """An epoch record of an older checkpoint in today's form: its `lr` is `epoch_lr`, and
+    the losses it lacked are derived from its own rate and distortion (as `epoch_record`
+    does), so a run resumed or backfilled from it reports every value of EPOCH_METRICS."""
+    entry = dict(entry)
+    if "lr" in entry and "epoch_lr" not in entry:
+        entry["epoch_lr"] = entry.pop("lr")
+    for split in ("train", "test"):
+        if f"{split}_loss" not in entry and all(f"{split}_{n}" in entry
+                                                for n in ("rate", "distortion")):
+            entry[f"{split}_loss"] = loss_of({"rate": entry[f"{split}_rate"],
+                                              "distortion": entry[f"{split}_distortion"]}, beta)
+    return entry
 
 
 def evaluation_step(model: Autoencoder, beta: float = 1.0) -> Callable[[Tensor], Tensor]:

@@ -4,7 +4,13 @@ help text. Everything else is derived from these fields:
 - `TrainConfig.__post_init__` checks the bounds (one line naming the field);
 - `python -m echo.train` has one flag per field (`add_arguments` / `from_arguments`);
 - params.yaml's `train:` section is the fields marked `SWEEP_WIDE` (pipeline/config.py builds
-  its schema from them), so params.yaml, the schema and the CLI cannot disagree.
+  its schema from them), so params.yaml, the schema and the CLI cannot disagree;
+- a field marked `RESUME_FREE` changes where or how fast a run trains, not what it trains: it
+  may change when a run resumes (benchmarks.fidelity) or a stored sweep is run again, and it is
+  not part of the sweep's fingerprint (pipeline.experiment) -- every other field is, but only
+  where it differs from its default, so a new field does not archive stored sweeps;
+- a field marked `LOCAL` says where this machine keeps files or how it shows progress: it is
+  no part of a run's provenance (the settings sweep.csv and MLflow record for each trial).
 
 Adding a training setting is adding one field below (docs/howto.md).
 """
@@ -24,13 +30,18 @@ BETA_WARMUP_STEPS = 500
 MAX_EPOCHS = 1_000_000      # a typo such as 1e20 would otherwise pass and fail only much later
 
 SWEEP_WIDE = "sweep_wide"   # metadata key: the setting is shared by every trial (params.yaml train:)
+RESUME_FREE = "resume_free"  # metadata key: may change on resume; the results do not depend on it
+LOCAL = "local"             # metadata key: a path or display choice of this machine, no provenance
 
 
 def setting(default, help: str, *, ge=None, gt=None, le=None, sweep_wide: bool = False,
-            why: str = "", factory=None):
-    """A TrainConfig field: its default, bounds (checked for numbers), help and whether
-    params.yaml's `train:` section sets it for a whole sweep."""
-    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, SWEEP_WIDE: sweep_wide, "why": why}
+            resume_free: bool = False, local: bool = False, why: str = "", factory=None):
+    """A TrainConfig field: its default, bounds (checked for numbers), help, whether params.yaml's
+    `train:` section sets it for a whole sweep, whether it may change on resume without changing
+    the results (`resume_free`), and whether it is local to this machine (`local`: implies
+    resume_free)."""
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, SWEEP_WIDE: sweep_wide,
+                RESUME_FREE: resume_free or local, LOCAL: local, "why": why}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -42,8 +53,10 @@ class TrainConfig:
     Adam 3e-4, batch 100, lr constant for the first half and then linearly to 0)."""
     method: str = setting("echo", "the method (echo.METHODS)")
     dataset: str = setting("binary_mnist", "the data set (echo.data.DATASETS)")
-    data_root: str | None = setting(None, "raw data folder; None: $ECHO_DATA_ROOT or data/raw")
-    prepared: str | None = setting(None, "a .npz written by stages/prepare (else raw files)")
+    data_root: str | None = setting(None, "raw data folder; None: $ECHO_DATA_ROOT or data/raw",
+                                    local=True)
+    prepared: str | None = setting(None, "a .npz written by stages/prepare (else raw files)",
+                                   local=True)
     arch: str = setting("conv", "network: conv (the paper's) or mlp")
     latent_dim: int = setting(32, "number of latent dimensions", ge=1)
     beta: float = setting(1.0, "weight of the rate in the loss D + beta R", ge=0)
@@ -57,7 +70,8 @@ class TrainConfig:
     beta_warmup_steps: int = setting(BETA_WARMUP_STEPS, "beta rises linearly from 0 over these "
                                      "steps (0: off; docs/methods.md)", ge=0, sweep_wide=True)
     seed: int = setting(0, "seed of weights, batch order and noise", ge=0)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:<index> or mps", sweep_wide=True)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:<index> or mps", sweep_wide=True,
+                          resume_free=True)
     likelihood: str | None = setting(None, "the decoder's likelihood: bernoulli or gaussian "
                                      "(None: the data set's own, echo.data.dataset_spec(name)"
                                      ".likelihood)", sweep_wide=True)
@@ -67,12 +81,17 @@ class TrainConfig:
     test_limit: int | None = setting(None, "use only the first N test examples", ge=2)
     method_options: dict = setting(None, "method option key=value, e.g. clip_factor=0.8 "
                                    "(repeatable)", factory=dict)
-    out: str | None = setting(None, "folder for metrics.json and checkpoint.pt")
-    progress: bool = setting(True, "show a progress bar")
-    compile: bool = setting(False, "torch.compile the training step on CUDA (eager elsewhere)")
+    out: str | None = setting(None, "folder for metrics.json and checkpoint.pt", local=True)
+    progress: bool = setting(True, "show a progress bar", local=True)
+    compile: bool = setting(False, "torch.compile the training step on CUDA (eager elsewhere)",
+                            resume_free=True)
     cuda_graph: bool = setting(True, "on CUDA, replay each training step as one CUDA graph "
                                "(off: launch every kernel from Python, for steps that sync "
-                               "the host)", sweep_wide=True)
+                               "the host)", sweep_wide=True, resume_free=True)
+    # Per member: an ensemble's members are clipped each by its own gradient norm, as K
+    # separate runs would be (echo.loop.clip_member_grads_).
+    grad_clip: float | None = setting(None, "clip the gradient to this L2 norm before each "
+                                      "Adam step (None: off)", gt=0, sweep_wide=True)
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
@@ -123,6 +142,18 @@ def sweep_wide_settings() -> list:
 
 def default_of(f):
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def resume_free_settings() -> tuple[str, ...]:
+    """The fields that may change on resume without changing the results (`resume_free`)."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get(RESUME_FREE))
+
+
+def provenance_settings() -> tuple[str, ...]:
+    """The fields that make up a run's provenance: all but the local ones and method_options,
+    whose entries are recorded one by one."""
+    return tuple(f.name for f in fields(TrainConfig)
+                 if not f.metadata.get(LOCAL) and f.name != "method_options")
 
 
 # -- the command line: one flag per field --------------------------------------------------

@@ -18,22 +18,21 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import (checkpoint_dict, load_checkpoint, load_model, make_model,
-                         save_checkpoint, write_run)
+from .checkpoint import load_checkpoint, load_model, make_model, save_checkpoint, write_run
 from .compiling import compile_model
 from .device import device_problem, place_model, resolve_device, tune_backends
 from .files import atomic_write
-from .graphs import GraphCaptureError, GraphedStep, graph_ready_adam
-from .loop import (Member, NonFiniteLossError, adam_with_schedule, beta_factor,
-                   device_data, float32_beta, load_train_test, lr_factor, train_epochs)
+from .graphs import GraphCaptureError, GraphedStep
+from .loop import (NonFiniteLossError, beta_factor, device_data, float32_beta, load_train_test,
+                   lr_factor, train_members)
 from .methods import Autoencoder, check_method_options, method_options
-from .metrics import (METRIC_NAMES, batches, evaluate, evaluation_step,
+from .metrics import (EPOCH_METRICS, METRIC_NAMES, batches, evaluate, evaluation_step,
                       iwae_neg_log_likelihood, metric_sums)
 from .settings import BETA_WARMUP_STEPS, TrainConfig, add_arguments, from_arguments
 
 # The training API in one import (`from echo.train import fit, TrainConfig, load_model, ...`);
 # each name is defined in the module it is imported from above.
-__all__ = ["BETA_WARMUP_STEPS", "METRIC_NAMES", "FitResult", "GraphCaptureError",
+__all__ = ["BETA_WARMUP_STEPS", "EPOCH_METRICS", "METRIC_NAMES", "FitResult", "GraphCaptureError",
            "NonFiniteLossError", "TrainConfig", "atomic_write", "batches", "beta_factor",
            "compile_model", "device_data", "device_problem", "evaluate", "evaluation_step", "fit",
            "iwae_neg_log_likelihood", "load_checkpoint", "load_model", "load_train_test",
@@ -51,27 +50,23 @@ class FitResult:
 
 class _SingleModel:
     """The loop's Trainee for one model: a plain module (compiled, CUDA-graphed where asked)."""
+    stacked = False
 
-    def __init__(self, model: Autoencoder, config: TrainConfig, optimizer, x_test: Tensor,
+    def __init__(self, model: Autoencoder, config: TrainConfig, x_test: Tensor,
                  device: torch.device, graphs: bool):
-        step_model = compile_model(model, device) if config.compile else model
+        self.step_model = compile_model(model, device) if config.compile else model
         # beta as a device tensor updated in place before each step, so that a captured CUDA
         # graph (which would freeze a Python float) follows the warm-up.
         self.beta_now = torch.zeros((), device=device)
         self.model, self.config, self.x_test = model, config, x_test
-
-        def train_step(x: Tensor) -> Tensor:
-            out = step_model(x, self.beta_now)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            return metric_sums(out)
-
-        self.graphed = GraphedStep(train_step, enabled=graphs)
         self.eval_step = GraphedStep(evaluation_step(model, config.beta), enabled=graphs)
 
-    def step(self, x: Tensor) -> Tensor:
-        return self.graphed(x[0]).unsqueeze(0)
+    def parameters(self):
+        return self.model.parameters()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.step_model(x[0], self.beta_now)
+        return out.loss, out.rate.unsqueeze(0), out.distortion.unsqueeze(0)
 
     def scale_betas(self, fraction: float) -> None:
         self.beta_now.fill_(float32_beta(self.config.beta * fraction))
@@ -80,47 +75,36 @@ class _SingleModel:
         return [evaluate(self.model, self.x_test, self.config.batch_size, self.config.beta,
                          step=self.eval_step)]
 
+    def member_model(self, k: int) -> Autoencoder:
+        return self.model
+
+    def member_state(self, k: int, optimizer) -> tuple[dict, dict]:
+        return self.model.state_dict(), optimizer.state_dict()
+
+    def load_members(self, models: list[dict], optimizers: list[dict], optimizer) -> None:
+        self.model.load_state_dict(models[0])
+        optimizer.load_state_dict(optimizers[0])
+
 
 def fit(config: TrainConfig, *, on_epoch: Callable[[int, dict, Callable[[], dict]], None] | None = None,
         resume: dict | None = None) -> FitResult:
-    """Train one model. `on_epoch(epoch, metrics, state)` is called after every epoch; `state()`
-    builds the checkpoint dict (echo/checkpoint.py) that `fit(config, resume=...)` continues
-    from. With `config.out`, checkpoint.pt and metrics.json are written there at the end."""
-    device = resolve_device(config.device)
-    tune_backends(device)
-    torch.manual_seed(config.seed)
-    x_train, x_test = device_data(config, device)
-    input_shape = tuple(x_train.shape[1:])
-    model = place_model(make_model(config, input_shape), device, channels_last=not config.compile)
-    graphs = config.cuda_graph and device.type == "cuda"
-    steps = len(batches(len(x_train), config.batch_size, shuffle=False))
-    optimizer, scheduler = adam_with_schedule(model.parameters(), config, steps, graphs=graphs)
-    member = Member(config)
-    first_epoch = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if graphs:
-            graph_ready_adam(optimizer, device)
-        scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"])
-        member.history = list(resume["history"])
-        first_epoch = int(resume["epoch"]) + 1
+    """Train one model. `on_epoch(epoch, record, state)` is called after every epoch with its
+    record (echo.metrics.EPOCH_METRICS + `epoch`); `state()` builds the checkpoint dict
+    (echo/checkpoint.py) that `fit(config, resume=...)` continues from. With `config.out`,
+    checkpoint.pt and metrics.json are written there at the end."""
+    def single(models, device, x_test, graphs):
+        model = place_model(models[0], device, channels_last=not config.compile)
+        return _SingleModel(model, config, x_test, device, graphs)
 
-    def state() -> dict:
-        return checkpoint_dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                               scheduler=scheduler.state_dict(), epoch=len(member.history),
-                               history=member.history, config=config, input_shape=input_shape)
-
-    trainee = _SingleModel(model, config, optimizer, x_test, device, graphs)
-    train_epochs(config, trainee, [member], x_train, optimizer, scheduler,
-                 first_epoch=first_epoch, describe=f"{config.method} β={config.beta}",
-                 on_epoch=None if on_epoch is None else
-                 lambda epoch, metrics: on_epoch(epoch, metrics[0], state))
+    trainee, (member,), state = train_members(
+        config, [config], single, describe=f"{config.method} β={config.beta}",
+        resume=None if resume is None else [resume],
+        on_epoch=None if on_epoch is None else
+        lambda epoch, records, states: on_epoch(epoch, records[0], lambda: states()[0]))
     if config.out is not None:
-        write_run(config.out, state())
+        write_run(config.out, state()[0])
     history = member.history
-    return FitResult(model=model, history=history, metrics=history[-1] if history else {})
+    return FitResult(model=trainee.model, history=history, metrics=history[-1] if history else {})
 
 
 def main(argv: list[str] | None = None) -> int:
