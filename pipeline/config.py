@@ -20,7 +20,8 @@ from echo.device import DEVICE_TYPES
 from echo.networks import LIKELIHOODS
 from echo.methods import check_method_options, method_options, tunable_options
 from pipeline.method_params import checked_options, known_method
-from echo.settings import TrainConfig, default_of, sweep_wide_settings
+from echo.metrics import EPOCH_METRICS
+from echo.settings import RESUME_FREE, TrainConfig, default_of, sweep_wide_settings
 
 PARAMS_FILE = "params.yaml"
 # sweep.name is a folder name (<storage_path>/<name>) and MLflow run name: one path component
@@ -30,6 +31,19 @@ SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # as `sqlit:///` would otherwise fail only once the sweep opens the store.
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https",
                     "databricks", "databricks-uc", "uc")
+
+
+def free(default, **field):
+    """A field that may change between runs of one sweep without changing what its trials are
+    (where it runs, how often it checkpoints...): not part of the sweep's fingerprint
+    (pipeline.experiment), which every other field of data:, train: and sweep: is. The same
+    declaration as echo.settings' `resume_free` for the train: section."""
+    return Field(default, json_schema_extra={RESUME_FREE: True}, **field)
+
+
+def is_free(info) -> bool:
+    """Whether a pydantic FieldInfo is declared `free`."""
+    return bool((info.json_schema_extra or {}).get(RESUME_FREE))
 
 
 class Strict(BaseModel):
@@ -53,9 +67,9 @@ class DataParams(Strict):
     dataset: str = "digits"
     raw_dir: str = "data/raw"               # where raw files are (or are downloaded to)
     prepared_dir: str = "data/prepared"     # stages/prepare writes <dataset>.npz here
-    download: bool = True                   # fetch missing raw files from the official mirrors
+    download: bool = free(True)             # fetch missing raw files from the official mirrors
     binarization_seed: int = Field(0, ge=0)  # static binarization seed, recorded in the manifest
-    check_sizes: bool = True                # raw files must have the canonical image counts
+    check_sizes: bool = free(True)          # raw files must have the canonical image counts
 
     @field_validator("dataset")
     @classmethod
@@ -114,8 +128,9 @@ class TrainSettings(Strict):
 def _train_field(f):
     meta = f.metadata
     bounds = {k: meta[k] for k in ("ge", "gt", "le") if meta.get(k) is not None}
+    extra = {"json_schema_extra": {RESUME_FREE: True}} if meta.get(RESUME_FREE) else {}
     return (typing.get_type_hints(TrainConfig)[f.name],
-            Field(default_of(f), description=meta["help"], **bounds))
+            Field(default_of(f), description=meta["help"], **bounds, **extra))
 
 
 # params.yaml's train: section: the TrainConfig fields marked sweep-wide, with their defaults
@@ -144,6 +159,9 @@ class SearchParams(Strict):
     # {echo: {clip_factor: {low: 0.5, high: 0.9}}}.
     method_options: dict[str, dict[str, Range]] = {}
     metric: str = "test_neg_elbo"         # minimised; test_loss = test D + beta * test R
+    # Any train_/test_ value of the library's epoch record (echo.metrics.EPOCH_METRICS).
+    METRICS: typing.ClassVar[tuple[str, ...]] = tuple(
+        m for m in EPOCH_METRICS if m.startswith(("train_", "test_")))
 
     @model_validator(mode="before")
     @classmethod
@@ -172,8 +190,7 @@ class SearchParams(Strict):
     @field_validator("metric")
     @classmethod
     def reported_metric(cls, v: str) -> str:
-        allowed = [f"{split}_{name}" for split in ("test", "train")
-                   for name in ("neg_elbo", "loss", "rate", "distortion")]
+        allowed = list(cls.METRICS)
         if v not in allowed:
             raise ValueError(f"unknown metric {v!r}; choose one of {allowed}")
         return v
@@ -185,7 +202,8 @@ class ResourceParams(Strict):
 
 
 class SweepParams(Strict):
-    name: str = "rd_sweep"
+    # The experiment's folder and MLflow name: which sweep, not what its trials are.
+    name: str = free("rd_sweep")
 
     @field_validator("name")
     @classmethod
@@ -210,14 +228,16 @@ class SweepParams(Strict):
     # K betas, and on a GPU the K small models run side by side (CUDA streams) instead of
     # each leaving the chip idle. Results stay one row / MLflow run per beta.
     pack_betas: bool = False
-    resources: ResourceParams = ResourceParams()
-    max_concurrent: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)
-    checkpoint_every: int = Field(5, ge=1)
+    # Where and how the trials run, not what they are: these may change on resume
+    # (docs/sweep.md, "Resuming"; pipeline.sweep.apply_resume_knobs).
+    resources: ResourceParams = free(ResourceParams())
+    max_concurrent: int = free(2, ge=1)
+    max_failures: int = free(2, ge=0)
+    checkpoint_every: int = free(5, ge=1)
     # ...but not more often than this: a trial of many short epochs would otherwise spend its
     # time writing checkpoints (a crash loses at most max(checkpoint_every epochs, this)).
-    checkpoint_min_interval_s: float = Field(30.0, ge=0)
-    storage_path: str = "ray_results"
+    checkpoint_min_interval_s: float = free(30.0, ge=0)
+    storage_path: str = free("ray_results")
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=2)
 

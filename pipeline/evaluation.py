@@ -27,6 +27,8 @@ from pipeline.trials import SETTING_COLUMNS, TrialStatus
 
 # What evaluate reads of results/sweep.csv (pipeline.trials.CSV_COLUMNS).
 SWEEP_COLUMNS = (*SETTING_COLUMNS, "status", "error", "checkpoint")
+# Of those, what evaluate cannot do without (the rest of a trial's provenance is carried over).
+NEEDED_COLUMNS = ("trial_id", "method", "beta", "status", "error", "checkpoint")
 METRIC_COLUMNS = ("rate", "rate_kind", "distortion", "neg_elbo", "iwae_k", "iwae_neg_log_lik",
                   "low_rate_limit", "note", *KNOWN_ANSWER_COLUMNS)
 EVALUATION_COLUMNS = SWEEP_COLUMNS + METRIC_COLUMNS
@@ -44,10 +46,15 @@ def read_sweep(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise EvaluationError(f"{path}: not found; run the sweep first (`dvc repro sweep`)")
     table = pd.read_csv(path, keep_default_na=True)
-    missing = [c for c in SWEEP_COLUMNS if c not in table.columns]
+    missing = [c for c in NEEDED_COLUMNS if c not in table.columns]
     if missing:
         raise EvaluationError(f"{path}: missing column(s) {missing}; it must come from "
                               f"`python -m stages.sweep`")
+    # A table written before a setting column existed (a newer training setting or method
+    # option): that setting is unknown there, not wrong.
+    for column in SWEEP_COLUMNS:
+        if column not in table.columns:
+            table[column] = np.nan
     return table
 
 

@@ -30,39 +30,109 @@ import uuid
 from pathlib import Path
 
 import pyarrow.fs
+from pydantic import BaseModel
 
 from echo.files import file_digest
-from pipeline.config import Params
+from echo.methods import METHODS, method_options
+from pipeline.config import DataParams, Params, SweepParams, TrainParams, is_free
 from pipeline.sweep_errors import SweepError, SweepLocked
 
 STATE_FILE = "echo_sweep.json"     # beside Ray's state in <storage>/<name>: uid + settings
 
 
 def fingerprint(params: Params, root: Path | None = None) -> dict:
-    """The settings that decide what a sweep's trials are: a stored experiment is resumed
-    only if these match. With `root`, the prepared data file's content counts too (DVC re-runs
-    the sweep when the prepare stage wrote new data under unchanged params)."""
+    """The settings that decide what a sweep's trials are, in full (defaults included, so that a
+    later change of a default is seen): a stored experiment is resumed only if these are the
+    same settings (`same_settings`). Every field of the data:, train: and sweep: sections but
+    those declared free to change on resume (pipeline.config `free`, echo.settings
+    `resume_free`: device, CUDA graphs, resources, checkpointing...), the options of the
+    sweep's methods, and with `root` the prepared data file's content (DVC re-runs the sweep
+    when the prepare stage wrote new data under unchanged params)."""
     data_sha256 = None
     prepared = (root / params.data.prepared_path) if root is not None else None
     if prepared is not None and prepared.exists():
         data_sha256 = file_digest(prepared, "sha256")
-    # download / check_sizes cannot change the data; every other data field can.
-    data = params.data.model_dump(exclude={"download", "check_sizes"})
-    sweep = params.sweep.model_dump(include={
-        "methods", "betas", "archs", "latent_dims", "seeds", "search", "asha", "train_limit",
-        "test_limit"})
-    # Packing changes what the trials are. Only present when on, so that experiments started
-    # before the option existed keep their fingerprint and still resume.
-    if params.sweep.pack_betas:
-        sweep["pack_betas"] = True
-    # device / cuda_graph change where and how fast a trial trains, not what it trains.
-    return {"data": {**data, "prepared_sha256": data_sha256},
-            # likelihood / gaussian_tau only when set: sweeps started before they existed resume.
-            "train": params.train.model_dump(exclude={"device", "cuda_graph"} | {
-                name for name in ("likelihood", "gaussian_tau")
-                if getattr(params.train, name) is None}),
-            "method_options": params.options,
-            "sweep": sweep}
+    return {"data": {**_bound(params.data), "prepared_sha256": data_sha256},
+            "train": _bound(params.train),
+            "method_options": {m: {**method_options(m), **params.options_of(m)}
+                               for m in params.sweep.methods},
+            "sweep": _bound(params.sweep)}
+
+
+def _bound(model) -> dict:
+    """A section's values, but its fields declared free."""
+    return model.model_dump(exclude={name for name, info in type(model).model_fields.items()
+                                     if is_free(info)})
+
+
+# The schema of each section of a fingerprint, for `comparable`.
+SECTIONS = {"data": DataParams, "train": TrainParams, "sweep": SweepParams}
+
+
+def comparable(settings: dict) -> dict:
+    """A fingerprint as it is compared: every value at its current default left out, and every
+    field declared free, so that a new setting (absent from an older fingerprint), a default
+    written out in params.yaml, or a newly freed field archives no stored sweep; a value that
+    differs from today's default is kept, so a fingerprint written before a default changed
+    differs from one of the new default. Method options likewise against each method's
+    defaults, for the sweep's methods only. Works on fingerprints stored by older versions."""
+    out = {}
+    for section, values in settings.items():
+        schema = SECTIONS.get(section)
+        if schema is not None and isinstance(values, dict):
+            out[section] = _non_default(schema, values)
+        elif section == "method_options" and isinstance(values, dict):
+            out[section] = _options_non_default(values, settings.get("sweep", {}))
+        else:
+            out[section] = values
+    return out
+
+
+def _non_default(schema, values: dict, defaults: dict | None = None) -> dict:
+    """`values` of a section (`schema`) without its free fields and the values at their
+    defaults (`defaults`: a nested section's own, else the schema's), nested sections alike."""
+    kept = {}
+    for name, value in values.items():
+        info = schema.model_fields.get(name)
+        if info is None:                    # a field that no longer exists: keep it
+            kept[name] = value
+            continue
+        if is_free(info):
+            continue
+        default = defaults[name] if defaults is not None and name in defaults else \
+            info.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel) and isinstance(value, dict):
+            nested = _non_default(type(default), value, dict(default))
+            if nested:
+                kept[name] = nested
+            continue
+        if not _same(value, default.model_dump() if isinstance(default, BaseModel) else default):
+            kept[name] = value
+    return kept
+
+
+def _options_non_default(options: dict, sweep: dict) -> dict:
+    methods = sweep.get("methods", SweepParams.model_fields["methods"].default)
+    kept = {}
+    for method, values in options.items():
+        if method not in methods or method not in METHODS:
+            continue                        # not trained by this sweep
+        defaults = method_options(method)
+        changed = {k: v for k, v in (values or {}).items()
+                   if k not in defaults or not _same(v, defaults[k])}
+        if changed:
+            kept[method] = changed
+    return kept
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON would store them (a stored fingerprint has been through JSON)."""
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def same_settings(stored: dict | None, settings: dict) -> bool:
+    """Whether a stored experiment's fingerprint stands for the same trials as `settings`."""
+    return stored is not None and _same(comparable(stored), comparable(settings))
 
 
 def storage_uri(params: Params, root: Path) -> str:
@@ -141,9 +211,10 @@ def experiment_uid(experiment: str, settings: dict) -> tuple[str, bool]:
     if fs.get_file_info(state_path).type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(state_path) as fh:
             stored = json.loads(fh.read().decode())
-        if stored["settings"] == settings:
+        if same_settings(stored["settings"], settings):
             return stored["uid"], True
-        changed = sorted(k for k in settings if settings[k] != stored["settings"].get(k))
+        before, now = comparable(stored["settings"]), comparable(settings)
+        changed = sorted(k for k in {**before, **now} if not _same(now.get(k), before.get(k)))
         archive = f"{path}@{stored['uid'][:8]}"
         fs.move(path, archive)
         print(f"note: {experiment} was started with other {'/'.join(changed)} params; kept it "

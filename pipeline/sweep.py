@@ -25,10 +25,11 @@ from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter
 
 from echo.files import atomic_write
+from echo.settings import resume_free_settings
 from pipeline.checks import check_inputs, check_local_gpus, check_writable
-from pipeline.config import Params
-from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, signed_storage,
-                                 storage_uri, stored_settings, stored_uid,
+from pipeline.config import Params, SweepParams, is_free
+from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, same_settings,
+                                 signed_storage, storage_uri, stored_settings, stored_uid,
                                  verify_experiment_state)
 from pipeline.results_tracking import resolve_tracking_uri
 from pipeline.search import GridOptunaSearch, GridPointASHA, search_space
@@ -152,7 +153,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
         try:
             previous = stored_uid(experiment)
             settings = fingerprint(params, root)
-            if stored_settings(experiment) == settings:
+            if same_settings(stored_settings(experiment), settings):
                 # To be resumed: Tune's state there is verified before anything starts
                 # (Tune would unpickle it; the folder may be shared).
                 verify_experiment_state(experiment)
@@ -325,10 +326,12 @@ def apply_resume_knobs(tuner, params: Params, root: Path, callbacks: list) -> No
     searcher = tune_cfg.search_alg
     base = trial_base(params, root)
     resources = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
+    # The trial settings declared free to change on resume (echo.settings `resume_free`,
+    # pipeline.config `free`: device, CUDA graphs, data paths, checkpointing) take this run's.
+    free = {*resume_free_settings(),
+            *(name for name, info in SweepParams.model_fields.items() if is_free(info))}
     run_config.callbacks = [*callbacks, _ResumeKnobs(
-        searcher, sweep.max_failures,
-        {k: base[k] for k in ("checkpoint_every", "checkpoint_min_interval_s", "device",
-                              "cuda_graph")},
+        searcher, sweep.max_failures, {k: v for k, v in base.items() if k in free},
         {k: v for k, v in resources.items() if v})]
     if not isinstance(searcher, ConcurrencyLimiter):
         tune_cfg.search_alg = _RunLimiter(searcher, max_concurrent=sweep.max_concurrent)

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import fields
 from typing import Callable
 from pathlib import Path
 
@@ -28,19 +27,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from echo.methods import method_options
-from echo.train import TrainConfig
 from pipeline.colors import method_color
 from pipeline.results_tracking import (COLOR_TAG, COMMIT_TAG, PARENT_TAG, SWEEP_UID_TAG,
                                        git_commit)
 from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, TrialStatus,
                              member_folder, member_outcome, member_result, trial_error_text,
-                             trial_members)
+                             trial_members, trial_provenance, PROVENANCE_SETTINGS)
 
-# A child run's params: every TrainConfig field that shapes the trained model (not where its
-# files are or how it shows progress), then its method's options.
-NOT_PARAMS = ("method_options", "data_root", "prepared", "out", "progress")
-TRIAL_SETTINGS = tuple(f.name for f in fields(TrainConfig) if f.name not in NOT_PARAMS)
+# A child run's params are its provenance: these training settings, then its method's options.
+TRIAL_SETTINGS = PROVENANCE_SETTINGS
 PARENT_PREFIX = "sweep."      # the parent's params (sweep.betas), never mistaken for a trial's
 ROLE_TAG = "echo.role"
 # How long a sweep goes on while its tracking store is unreachable (env
@@ -213,7 +208,8 @@ class SweepTracker(tune.Callback):
         return run_id
 
     def log_epoch(self, config: dict, result: dict) -> None:
-        """The six per-epoch metrics (nats) with step = epoch, each epoch at most once."""
+        """The epoch record's values (EPOCH_METRICS) with step = epoch, each epoch at most
+        once."""
         trial_id = config["trial_id"]
         self.child_run(config)           # created (or found) the first time
         epoch = int(result["epoch"])
@@ -406,12 +402,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def trial_params(config: dict) -> dict:
-    """A trial's params: every training setting (TRIAL_SETTINGS: the trial's value, else
-    TrainConfig's default) and its method's options (echo.method_options' defaults, then
-    params.yaml's and the searched ones): a method's options only on its own runs."""
-    defaults = TrainConfig()
-    settings = {name: config.get(name, getattr(defaults, name)) for name in TRIAL_SETTINGS}
-    return {**settings, **method_options(config["method"]), **config.get("options", {})}
+    """A trial's params: its provenance (`pipeline.trials.trial_provenance`, the setting
+    columns of its results/sweep.csv row): every training setting it used, defaults included,
+    and its own method's options, each once."""
+    return trial_provenance(config)
 
 
 def _param_text(value) -> str:

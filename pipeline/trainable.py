@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pyarrow.fs
@@ -26,7 +25,7 @@ from echo.train import (NonFiniteLossError, TrainConfig, fit, load_checkpoint, l
                         load_train_test, save_checkpoint)
 from pipeline.config import Params
 from pipeline.trials import (MODEL_FILE, RECONSTRUCTIONS_FILE, REPORTED_METRICS, TrialStatus,
-                             member_folder, trial_members)
+                             member_folder, train_config, trial_members)
 
 RECON_COUNT = 8                    # test images in the reconstruction grid
 
@@ -51,20 +50,10 @@ def trial_base(params: Params, root: Path) -> dict:
     }
 
 
-def train_config(config: dict) -> TrainConfig:
-    """The `echo.train` settings of one per-beta trial config (`trial_base` + its grid point +
-    its search): every TrainConfig field the config holds, as it holds it."""
-    names = {f.name for f in fields(TrainConfig)} - {"method_options", "progress", "out"}
-    return TrainConfig(**{name: config[name] for name in names if name in config},
-                       method_options=dict(config.get("options", {})), progress=False)
-
-
-def epoch_report(metrics: dict, beta: float) -> dict:
-    """One epoch's report of one model."""
-    return {**metrics, "status": TrialStatus.RUNNING, "error": "",
-            # the trained objective D + beta R, a possible search metric
-            "train_loss": metrics["train_distortion"] + beta * metrics["train_rate"],
-            "test_loss": metrics["test_distortion"] + beta * metrics["test_rate"]}
+def epoch_report(record: dict) -> dict:
+    """One epoch's report of one model: its epoch record (echo.metrics.EPOCH_METRICS, the
+    trained loss included) as the library made it, and the trial's status."""
+    return {**record, "status": TrialStatus.RUNNING, "error": ""}
 
 
 def nonfinite_report(err: NonFiniteLossError, epochs_done: int) -> dict:
@@ -126,8 +115,8 @@ def train_trial(config: dict) -> None:
         # complete, then go on from there (a finished trial trains nothing).
         lost = resume["history"][known:]
         for metrics in lost[:-1]:
-            tune.report(epoch_report(metrics, cfg.beta))
-        report_with_copy(epoch_report(lost[-1], cfg.beta), checkpoint)
+            tune.report(epoch_report(metrics))
+        report_with_copy(epoch_report(lost[-1]), checkpoint)
         if done["epochs"] >= cfg.epochs:
             return
 
@@ -135,7 +124,7 @@ def train_trial(config: dict) -> None:
 
     def on_epoch(epoch: int, metrics: dict, state) -> None:
         done["epochs"] = epoch
-        report = epoch_report(metrics, cfg.beta)
+        report = epoch_report(metrics)
         last = epoch == cfg.epochs
         if not (schedule.due(epoch) or last):
             tune.report(report)
@@ -173,8 +162,7 @@ def train_packed_trial(config: dict) -> None:
         """The epoch's report; `states` (the members' checkpoint dicts, where at hand) give a
         stopped member's reason."""
         reasons = {k: s["stopped"] for k, s in enumerate(states) if s.get("stopped")}
-        live = {k: epoch_report(m, cfg.beta) for k, (m, cfg) in enumerate(zip(metrics, cfgs))
-                if m is not None}
+        live = {k: epoch_report(m) for k, m in enumerate(metrics) if m is not None}
         out = {name: sum(m[name] for m in live.values()) / len(live) for name in REPORTED_METRICS}
         out.update(status=TrialStatus.RUNNING, error="", epoch=epoch)
         for k, folder in enumerate(folders):

@@ -6,9 +6,12 @@ driver all take these names from here and each is defined once.
 from __future__ import annotations
 
 import itertools
+from dataclasses import fields
 from pathlib import Path
 
 from echo.methods import METHODS, method_options, tunable_options
+from echo.metrics import EPOCH_METRICS
+from echo.settings import TrainConfig, provenance_settings
 from pipeline.config import Params
 
 
@@ -23,12 +26,11 @@ class TrialStatus:
     INTERRUPTED = "interrupted"  # MLflow only: its sweep was archived before it ended
 
 
-# The six per-epoch metrics (nats) of a model, as echo.train reports them and the CSV keeps them.
-EPOCH_METRICS = ("train_rate", "train_distortion", "train_neg_elbo",
-                 "test_rate", "test_distortion", "test_neg_elbo")
-# What a trial reports per epoch (and per member, for a packed trial): any may be the search
-# metric, so all must be present in every report (Tune checks).
-REPORTED_METRICS = (*EPOCH_METRICS, "train_loss", "test_loss")
+# What a trial reports per epoch (and per member, for a packed trial), logs to MLflow and keeps
+# (its last epoch's) in results/sweep.csv: the library's epoch record, echo.metrics.EPOCH_METRICS,
+# defined there once. Any train_/test_ value may be the search metric, so all are in every
+# report (Tune checks).
+REPORTED_METRICS = EPOCH_METRICS
 
 # The files of a trial's final Tune checkpoint (per member folder for a packed trial), also its
 # MLflow child run's artifacts. The model file is echo's checkpoint dict (`echo.train.
@@ -36,15 +38,25 @@ REPORTED_METRICS = (*EPOCH_METRICS, "train_loss", "test_loss")
 MODEL_FILE = "model.pt"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
 ARTIFACT_DIR = Path("mlartifacts")     # the MLflow experiment's artifact root (state, not an out)
-# One column per option any method lets a sweep search (e.g. Echo's clip_factor): the trial's
-# value where its method has the option and it was set or searched, else empty (the method's
-# default; results/evaluation.csv then has the value the model used).
+# The options any method lets a sweep search (e.g. Echo's clip_factor): top-level keys of a
+# trial's config too, so that Tune's progress table shows them.
 OPTION_COLUMNS = tuple(sorted({o for m in METHODS for o in tunable_options(m)}))
+# A trial's provenance (`trial_provenance`): every training setting it was trained with
+# (echo.settings.provenance_settings: all TrainConfig fields but the local ones), then every
+# method's options, a trial's own with the values it used (its method's defaults included),
+# the others' empty. Its MLflow child run's params are the same, its own options only.
+PROVENANCE_SETTINGS = provenance_settings()
+METHOD_OPTION_COLUMNS = tuple(sorted({o for m in METHODS for o in method_options(m)}))
 # A trial's settings: the first columns of results/sweep.csv and of results/evaluation.csv.
-SETTING_COLUMNS = ("trial_id", "method", "dataset", "arch", "latent_dim", "beta", "seed", "lr",
-                   *OPTION_COLUMNS)
-CSV_COLUMNS = [*SETTING_COLUMNS, "status", "error", "epochs_done", "checkpoint", "mlflow_run_id",
-               *EPOCH_METRICS]
+SETTING_COLUMNS = ("trial_id", *PROVENANCE_SETTINGS, *METHOD_OPTION_COLUMNS)
+OUTCOME_COLUMNS = ("status", "error", "epochs_done", "checkpoint", "mlflow_run_id")
+CSV_COLUMNS = [*SETTING_COLUMNS, *OUTCOME_COLUMNS, *EPOCH_METRICS]
+# Each name once: a record value named like a setting (the per-epoch lr) would overwrite the
+# setting in the row, an option named like a training setting would hide it.
+if len(set(CSV_COLUMNS)) != len(CSV_COLUMNS):
+    raise ImportError(f"results/sweep.csv would hold a column twice: "
+                      f"{sorted({c for c in CSV_COLUMNS if CSV_COLUMNS.count(c) > 1})} (a "
+                      f"training setting, a method option and the epoch record share a name)")
 
 
 def method_trial_options(base: dict, method: str, searched: dict) -> dict:
@@ -53,6 +65,25 @@ def method_trial_options(base: dict, method: str, searched: dict) -> dict:
     options = {**base["method_options"].get(method, {}),
                **{k: v for k, v in searched.items() if k in method_options(method)}}
     return {"options": options, **{column: options.get(column) for column in OPTION_COLUMNS}}
+
+
+def train_config(config: dict) -> TrainConfig:
+    """The `echo.train` settings of one per-beta trial config (`trial_base` + its grid point +
+    its search): every TrainConfig field the config holds, as it holds it."""
+    names = {f.name for f in fields(TrainConfig)} - {"method_options", "progress", "out"}
+    return TrainConfig(**{name: config[name] for name in names if name in config},
+                       method_options=dict(config.get("options", {})), progress=False)
+
+
+def trial_provenance(config: dict) -> dict:
+    """What one per-beta trial was trained with, each setting and option once: every
+    provenance setting of its TrainConfig (`train_config`: the value it trained with, defaults
+    included), then its method's options (the method's defaults, then params.yaml's and the
+    searched ones; `None` is the method's own rule, e.g. Echo's solved clipping factor).
+    results/sweep.csv's setting columns and its MLflow child run's params."""
+    cfg = train_config(config)
+    return {**{name: getattr(cfg, name) for name in PROVENANCE_SETTINGS},
+            **method_options(cfg.method), **cfg.method_options}
 
 
 def trial_checkpoint(trial_id: str, folder: Path) -> Path:
@@ -130,8 +161,9 @@ def trial_error_text(trial) -> str:
 
 
 def csv_row(config: dict, metrics: dict, status: str, error: str, checkpoint: str) -> dict:
-    """One CSV row (without its MLflow run id) of one per-beta trial."""
-    return {**{column: config.get(column) for column in SETTING_COLUMNS},
+    """One CSV row (without its MLflow run id) of one per-beta trial: its provenance, its
+    outcome and its last epoch's record (NaN for a value the record lacks)."""
+    return {"trial_id": config["trial_id"], **trial_provenance(config),
             "status": status, "error": error,
             "epochs_done": int(metrics.get("epoch", 0)), "checkpoint": checkpoint,
             **{name: metrics.get(name, float("nan")) for name in EPOCH_METRICS}}
