@@ -100,7 +100,7 @@ def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int
     with tqdm(total=int(completed.sum()), desc="evaluate", unit="model",
               disable=not progress) as bar:
         for _, trial in sweep.iterrows():
-            row = {c: trial[c] for c in SWEEP_COLUMNS}
+            row = {c: trial.get(c, np.nan) for c in SWEEP_COLUMNS}   # read_sweep's or older
             row.update({c: np.nan for c in METRIC_COLUMNS})
             if trial["status"] == TrialStatus.COMPLETED:
                 row.update(evaluate_checkpoint(trial["checkpoint"], x_test, batch_size=batch_size,

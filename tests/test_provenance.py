@@ -141,3 +141,15 @@ def test_mlflow_is_backfilled_with_the_library_record_of_an_old_checkpoint(tmp_p
     logged = {m.key: m.value for m in tracker.client.logged}
     assert set(logged) == set(EPOCH_METRICS)
     assert logged["test_loss"] == pytest.approx(11.0 + 0.5 * 3.0) and logged["epoch_lr"] == 3e-4
+
+
+def test_a_sweep_csv_written_before_the_provenance_columns_still_evaluates(tmp_path):
+    from pipeline.evaluation import SWEEP_COLUMNS, read_sweep
+    old = ("trial_id,method,dataset,arch,latent_dim,beta,seed,lr,clip_factor,status,error,"
+           "epochs_done,checkpoint,mlflow_run_id,train_rate,train_distortion,train_neg_elbo,"
+           "test_rate,test_distortion,test_neg_elbo\n"
+           "vae_b1_mlp_z4,vae,digits,mlp,4,1.0,0,0.003,,failed,boom,0,,,,,,,,\n")
+    (tmp_path / "sweep.csv").write_text(old)
+    table = read_sweep(tmp_path / "sweep.csv")
+    assert set(SWEEP_COLUMNS) <= set(table.columns) and table.loc[0, "lr"] == 0.003
+    assert table["grad_clip"].isna().all()
