@@ -1,4 +1,7 @@
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,25 @@ def snapshot(folder: Path) -> set[str]:
     """Every path below `folder`, relative: compared before and after, it shows that a refused
     input left nothing behind."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server (a data mirror) over tmp_path/'served' on 127.0.0.1; shut down
+    however the test ends. Yields (served folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -3,11 +3,8 @@ real MNIST files, binarization statistics, and downloads from a local HTTP serve
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -325,27 +322,6 @@ def test_unknown_names_and_splits():
 
 
 # --- downloads ---------------------------------------------------------------------------------------
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server over tmp_path/'served'; shut down however the test ends."""
-    served = tmp_path / "served"
-    served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
 
 def test_fetch_all_verifies_md5_and_falls_back_to_the_next_mirror(tmp_path, http_server):
     served, url = http_server

@@ -8,12 +8,9 @@ files, Omniglot) is refused before anything is downloaded."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
-import http.server
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -33,28 +30,6 @@ def _shared() -> Path:
     return path
 
 
-@pytest.fixture
-def mirror(tmp_path):
-    """An HTTP mirror over tmp_path/'served' on 127.0.0.1."""
-    served = tmp_path / "served"
-    served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Quiet, directory=served))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 def test_mnist_spec_records_the_sha256_of_every_file_and_the_shared_copy_matches():
     shared = _shared()
     assert set(SPEC.sha256) == set(SPEC.files)
@@ -62,10 +37,10 @@ def test_mnist_spec_records_the_sha256_of_every_file_and_the_shared_copy_matches
         assert content_digest(shared / name) == expected, name
 
 
-def test_canonical_files_are_downloaded_and_a_tampered_copy_is_refused(tmp_path, mirror,
+def test_canonical_files_are_downloaded_and_a_tampered_copy_is_refused(tmp_path, http_server,
                                                                        monkeypatch):
     shared = _shared()
-    served, url = mirror
+    served, url = http_server
     labels = "t10k-labels-idx1-ubyte.gz"
     # The tampered mirror: the test labels with one label changed, re-compressed (a valid gzip
     # of a valid IDX file: only the checksum can tell).
@@ -100,8 +75,8 @@ def test_canonical_files_are_downloaded_and_a_tampered_copy_is_refused(tmp_path,
         assert (root / "mnist" / name).read_bytes() == (shared / name).read_bytes(), name
 
 
-def test_a_file_without_a_recorded_checksum_is_never_downloaded(tmp_path, mirror, monkeypatch):
-    served, url = mirror
+def test_a_file_without_a_recorded_checksum_is_never_downloaded(tmp_path, http_server, monkeypatch):
+    served, url = http_server
     (served / "chardata.mat").write_bytes(b"anything")
     spec = dataclasses.replace(data.dataset_spec("omniglot"), mirrors=(url,))
     monkeypatch.setitem(data.REGISTRY, "omniglot", spec)
@@ -137,11 +112,11 @@ def test_every_registered_download_has_a_checksum_or_is_refused(tmp_path, monkey
             data.download(spec, tmp_path / name)
 
 
-def test_binary_mnist_amat_files_are_verified_against_their_recorded_sha256(tmp_path, mirror):
+def test_binary_mnist_amat_files_are_verified_against_their_recorded_sha256(tmp_path, http_server):
     """The Larochelle & Murray .amat files (the paper's data) carry the sha256 that TensorFlow
     Datasets records for the same mirror: a mirror serving anything else is refused in one
     line naming the file and both digests, and nothing appears."""
-    served, url = mirror
+    served, url = http_server
     spec = dataclasses.replace(data.dataset_spec("binary_mnist"), mirrors=(url,))
     assert set(spec.sha256) == set(spec.files)               # every .amat file has one
     for name in spec.files:
