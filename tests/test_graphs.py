@@ -50,7 +50,7 @@ def test_cuda_graph_option_trains_like_eager_on_cpu():
     """On the CPU the option is accepted and changes nothing: the same seeded run."""
     eager = fit(dataclasses.replace(DIGITS, cuda_graph=False))
     graphed = fit(dataclasses.replace(DIGITS, cuda_graph=True))
-    for key in ("train_neg_elbo", "test_neg_elbo", "test_rate", "lr"):
+    for key in ("train_neg_elbo", "test_neg_elbo", "test_rate", "epoch_lr"):
         assert [h[key] for h in graphed.history] == [h[key] for h in eager.history], key
 
 
