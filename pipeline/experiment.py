@@ -153,10 +153,10 @@ def experiment_lock(storage: str, name: str):
         return
     from filelock import FileLock, Timeout
     folder = Path(storage)
-    folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / f".{name}.lock"), timeout=0)
     owner = folder / f".{name}.owner.json"        # the lock file itself is truncated on open
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         try:
@@ -167,16 +167,29 @@ def experiment_lock(storage: str, name: str):
             who = f"holding {folder / f'.{name}.lock'}"
         raise SweepLocked(f"sweep {name!r} is already running in another driver ({who}); wait "
                           f"for it to end (or stop it) and run the stage again") from None
+    except OSError as err:
+        raise _unwritable_storage(folder, err) from None
     try:
-        tmp = owner.with_name(owner.name + ".tmp")
-        tmp.write_text(json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join(getattr(sys, "orig_argv", None) or ["python", *sys.argv])}))
-        os.replace(tmp, owner)
+        try:
+            tmp = owner.with_name(owner.name + ".tmp")
+            tmp.write_text(json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "command": " ".join(getattr(sys, "orig_argv", None) or ["python", *sys.argv])}))
+            os.replace(tmp, owner)
+        except OSError as err:
+            raise _unwritable_storage(folder, err) from None
         yield
     finally:
         lock.release()
+
+
+def _unwritable_storage(folder: Path, err: OSError) -> SweepError:
+    """The lock is taken before the output probes (pipeline.checks.check_writable), so a
+    read-only or full storage folder is refused here, in the probes' words."""
+    reason = err.strerror or type(err).__name__
+    return SweepError(f"sweep.storage_path (Tune experiments): cannot write to {folder} "
+                      f"({reason}); make it writable or free space there before the sweep trains")
 
 
 def _stored(experiment: str, key: str):
