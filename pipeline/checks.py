@@ -18,7 +18,7 @@ from pipeline.config import Params
 from pipeline.experiment import storage_uri
 from pipeline.data_errors import data_error_line
 from pipeline.results_tracking import resolve_tracking_uri
-from pipeline.sweep_errors import SweepError
+from pipeline.sweep_errors import SweepError, unwritable
 from pipeline.trainable import train_config, trial_base
 from pipeline.stage_files import StageFiles
 from pipeline.trials import ARTIFACT_DIR, grid_points
@@ -211,6 +211,4 @@ def _probe_outputs(params: Params, root: Path, files: StageFiles, made: list[Pat
             finally:
                 os.unlink(probe)
         except OSError as err:
-            reason = err.strerror or type(err).__name__
-            raise SweepError(f"{what}: cannot write to {folder} ({reason}); make it writable or "
-                             f"free space there before the sweep trains") from None
+            raise unwritable(what, folder, err) from None

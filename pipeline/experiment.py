@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from echo.files import file_digest
 from echo.methods import METHODS, method_options
 from pipeline.config import DataParams, Params, SweepParams, TrainParams, is_free
-from pipeline.sweep_errors import SweepError, SweepLocked
+from pipeline.sweep_errors import SweepError, SweepLocked, unwritable
 
 STATE_FILE = "echo_sweep.json"     # beside Ray's state in <storage>/<name>: uid + settings
 
@@ -168,7 +168,9 @@ def experiment_lock(storage: str, name: str):
         raise SweepLocked(f"sweep {name!r} is already running in another driver ({who}); wait "
                           f"for it to end (or stop it) and run the stage again") from None
     except OSError as err:
-        raise _unwritable_storage(folder, err) from None
+        # Taken before the output probes (pipeline.checks.check_writable): a read-only or full
+        # storage folder is refused here, in the probes' words.
+        raise unwritable("sweep.storage_path", folder, err) from None
     try:
         try:
             tmp = owner.with_name(owner.name + ".tmp")
@@ -178,18 +180,11 @@ def experiment_lock(storage: str, name: str):
                 "command": " ".join(getattr(sys, "orig_argv", None) or ["python", *sys.argv])}))
             os.replace(tmp, owner)
         except OSError as err:
-            raise _unwritable_storage(folder, err) from None
+            raise unwritable("sweep.storage_path", folder, err) from None
         yield
     finally:
         lock.release()
 
-
-def _unwritable_storage(folder: Path, err: OSError) -> SweepError:
-    """The lock is taken before the output probes (pipeline.checks.check_writable), so a
-    read-only or full storage folder is refused here, in the probes' words."""
-    reason = err.strerror or type(err).__name__
-    return SweepError(f"sweep.storage_path (Tune experiments): cannot write to {folder} "
-                      f"({reason}); make it writable or free space there before the sweep trains")
 
 
 def _stored(experiment: str, key: str):

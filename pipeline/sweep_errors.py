@@ -16,3 +16,11 @@ class SweepFailed(SweepError):
 
 class SweepLocked(SweepError):
     """Another driver is running the same experiment."""
+
+
+def unwritable(what: str, folder, err: OSError) -> SweepError:
+    """One output folder that takes no write (read-only, full, a file in its place), in the
+    words of every such refusal: the output probes' and the experiment lock's."""
+    reason = err.strerror or type(err).__name__
+    return SweepError(f"{what}: cannot write to {folder} ({reason}); make it writable or free "
+                      f"space there before the sweep trains")
