@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.paper import PAPER_TABLE_2
+from pipeline.results.paper import PAPER_TABLE_2
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "fidelity"

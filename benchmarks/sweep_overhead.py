@@ -2,7 +2,7 @@
 
     python -m benchmarks.sweep_overhead [--quick]
 
-Runs one real sweep (`pipeline.sweep.run_sweep`: Ray local, MLflow on SQLite, checkpoints,
+Runs one real sweep (`pipeline.sweep.run.run_sweep`: Ray local, MLflow on SQLite, checkpoints,
 results/sweep.csv) in a temporary project at full packing: as many concurrent one-CPU trials as
 Ray has CPUs (slots), and twice as many trials as slots, so every slot trains two trials in a
 row. The figure is
@@ -38,10 +38,10 @@ def measure_sweep_overhead(quick: bool, sweep_options: dict | None = None) -> di
     from ray import tune
 
     from pipeline.config import Params
-    from pipeline.results_tracking import resolve_tracking_uri
-    from pipeline.sweep import connect_ray, run_sweep
-    from pipeline.tracking import SweepTracker
-    from pipeline.trials import ARTIFACT_DIR
+    from pipeline.mlflow_store import resolve_tracking_uri
+    from pipeline.sweep.run import connect_ray, run_sweep
+    from pipeline.sweep.tracking import SweepTracker
+    from pipeline.records import ARTIFACT_DIR
 
     class EpochTimes(tune.Callback):
         def __init__(self):

@@ -7,7 +7,7 @@ help text. Everything else is derived from these fields:
   its schema from them), so params.yaml, the schema and the CLI cannot disagree;
 - a field marked `RESUME_FREE` changes where or how fast a run trains, not what it trains: it
   may change when a run resumes (benchmarks.fidelity) or a stored sweep is run again, and it is
-  not part of the sweep's fingerprint (pipeline.experiment) -- every other field is, but only
+  not part of the sweep's fingerprint (pipeline.sweep.experiment) -- every other field is, but only
   where it differs from its default, so a new field does not archive stored sweeps;
 - a field marked `LOCAL` says where this machine keeps files or how it shows progress: it is
   no part of a run's provenance (the settings sweep.csv and MLflow record for each trial).

@@ -1,5 +1,5 @@
 """The one command line of the pipeline's entry points (`python -m stages.<name>`, `python -m
-pipeline.results_tracking`): `--params`, an option per file the command reads or writes
+pipeline.results.tracking`): `--params`, an option per file the command reads or writes
 (pipeline.stage_files), the params validated before anything else, and the exit statuses.
 
     @entry_point("python -m stages.evaluate", __doc__, files=stage_file_names("evaluate"))

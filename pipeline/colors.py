@@ -1,6 +1,6 @@
 """One colour per method, everywhere the results are drawn: results/rd_curves.png
-(pipeline.plots) and every MLflow run of the method (its `mlflow.runColor` tag,
-pipeline.tracking), so that a method looks the same in the figure and in MLflow's charts.
+(pipeline.results.plots) and every MLflow run of the method (its `mlflow.runColor` tag,
+pipeline.sweep.tracking), so that a method looks the same in the figure and in MLflow's charts.
 
 The paper's methods have fixed colours (matplotlib's tab10, in the order the default pipeline
 lists its methods), so a method keeps its colour whatever else a sweep runs; a method added

@@ -36,7 +36,7 @@ TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "h
 def free(default, **field):
     """A field that may change between runs of one sweep without changing what its trials are
     (where it runs, how often it checkpoints...): not part of the sweep's fingerprint
-    (pipeline.experiment), which every other field of data:, train: and sweep: is. The same
+    (pipeline.sweep.experiment), which every other field of data:, train: and sweep: is. The same
     declaration as echo.settings' `resume_free` for the train: section."""
     return Field(default, json_schema_extra={RESUME_FREE: True}, **field)
 
@@ -229,7 +229,7 @@ class SweepParams(Strict):
     # each leaving the chip idle. Results stay one row / MLflow run per beta.
     pack_betas: bool = False
     # Where and how the trials run, not what they are: these may change on resume
-    # (docs/sweep.md, "Resuming"; pipeline.sweep.apply_resume_knobs).
+    # (docs/sweep.md, "Resuming"; pipeline.sweep.run.apply_resume_knobs).
     resources: ResourceParams = free(ResourceParams())
     max_concurrent: int = free(2, ge=1)
     max_failures: int = free(2, ge=0)

@@ -1,5 +1,5 @@
 """DVC stage `evaluate`: every completed sweep trial's checkpoint on the test set ->
-results/evaluation.csv, results/comparison.csv (curve against curve, pipeline.comparison) and
+results/evaluation.csv, results/comparison.csv (curve against curve, pipeline.results.comparison) and
 metrics.json (flat: best test -ELBO per method at beta = 1, mean over seeds; each pair's curve
 gaps).
 
@@ -10,7 +10,7 @@ Columns: the trial's sweep settings and status, test rate / distortion / -ELBO (
 IWAE bound with k = evaluate.iwae_k where the method's marginal is a density (else empty, with
 the reason in `note`), and Echo's low-rate limit. Exit status 0 on success, 1 for missing or bad
 inputs, 2 for bad params. Then the final test metrics go to each trial's MLflow child run and
-the three files to the sweep's parent run (pipeline.results_tracking; a tracking store it
+the three files to the sweep's parent run (pipeline.results.tracking; a tracking store it
 cannot reach is one warning line, still exit 0).
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ import sys
 
 from echo.data import DataError, load_prepared
 from echo.train import device_problem
-from pipeline.aggregate import best_at_beta
+from pipeline.results.aggregate import best_at_beta
 from pipeline.cli import EXIT_OK, entry_point, error
-from pipeline.comparison import comparison_table
+from pipeline.results.comparison import comparison_table
 from pipeline.config import Params
-from pipeline.evaluation import (TABLE_BETA, EvaluationError, evaluate_sweep, metrics_summary,
-                                 read_sweep, write_csv, write_json)
-from pipeline.results_tracking import publish
+from pipeline.results.evaluation import (TABLE_BETA, EvaluationError, evaluate_sweep,
+                                         metrics_summary, read_sweep, write_csv, write_json)
+from pipeline.results.tracking import publish
 from pipeline.stage_files import StageFiles, stage_file_names
-from pipeline.trials import TrialStatus
+from pipeline.records import TrialStatus
 
 
 def checkpoint_hint(message: str) -> str:

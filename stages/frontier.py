@@ -9,7 +9,7 @@ errors, flagged on the lower convex hull), results/rd_curves.png, results/recons
 and results/table.md (with the curve comparisons of results/comparison.csv, also printed), and
 names the trials it left out (nonfinite / failed) on stderr and in table.md. Exit status 0 on
 success, 1 for missing or bad inputs, 2 for bad params. Then the four files go to the sweep's
-MLflow parent run (pipeline.results_tracking; a tracking store it cannot reach is one warning
+MLflow parent run (pipeline.results.tracking; a tracking store it cannot reach is one warning
 line, still exit 0).
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ import pandas as pd
 
 from echo.data import DataError, load_prepared
 from pipeline.cli import EXIT_OK, entry_point, error
-from pipeline.comparison import comparison_lines
+from pipeline.results.comparison import comparison_lines
 from pipeline.config import Params
-from pipeline.evaluation import EvaluationError, write_csv
-from pipeline.frontier import excluded, exclusion_reason, frontier_table
-from pipeline.known_answer import true_curve
-from pipeline.plots import rd_curves, reconstructions
-from pipeline.report import report, write_report
-from pipeline.results_tracking import publish
+from pipeline.results.evaluation import EvaluationError, write_csv
+from pipeline.results.frontier import excluded, exclusion_reason, frontier_table
+from pipeline.results.known_answer import true_curve
+from pipeline.results.plots import rd_curves, reconstructions
+from pipeline.results.report import report, write_report
+from pipeline.results.tracking import publish
 from pipeline.stage_files import StageFiles, stage_file_names
 
 

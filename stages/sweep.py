@@ -29,8 +29,8 @@ def progress_option(parser: argparse.ArgumentParser) -> None:
 @entry_point("python -m stages.sweep", __doc__, files=stage_file_names("sweep"),
              options=progress_option)
 def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
-    from pipeline.results_tracking import sweep_hint
-    from pipeline.sweep import SweepError, run_sweep     # Ray loads only after params are valid
+    from pipeline.results.tracking import sweep_hint
+    from pipeline.sweep.run import SweepError, run_sweep     # Ray loads only after params are valid
     try:
         table = run_sweep(params, Path.cwd(), files=files, verbose=args.verbose)
     except SweepError as err:

@@ -1,6 +1,6 @@
 """Seeds, error bars, the curve-against-curve score and the kind of every rate:
 echo.frontier.curve_gap / bootstrap_curve_gap on curves whose gap is known in closed form,
-pipeline.aggregate's means and standard errors, pipeline.comparison's table and labels, and
+pipeline.results.aggregate's means and standard errors, pipeline.results.comparison's table and labels, and
 each method's `rate_kind` against how its rate actually behaves."""
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_bootstrap_skips_failed_runs_and_checks_shapes():
 def _evaluation(points: dict[str, list[tuple[float, float, float]]], seeds=(0, 1, 2),
                 shift=None) -> pd.DataFrame:
     """Completed trials: per method a list of (beta, rate, distortion); seed s adds shift(s)."""
-    from pipeline.evaluation import EVALUATION_COLUMNS
+    from pipeline.results.evaluation import EVALUATION_COLUMNS
     kinds = {"echo": "exact", "vae": "analytic_kl", "vae-vamp": "single_sample_bound"}
     rows = []
     for method, curve in points.items():
@@ -111,7 +111,7 @@ CURVES = {"vae": [(0.5, 10.0, 30.0), (1.0, 6.0, 34.0), (2.0, 3.0, 40.0)],
 
 
 def test_seed_points_give_mean_and_standard_error():
-    from pipeline.aggregate import seed_points
+    from pipeline.results.aggregate import seed_points
     evaluation = _evaluation(CURVES, shift=lambda m, s: [0.0, 1.0, 2.0][s])
     points = seed_points(evaluation)
     assert len(points) == 6 and set(points["n_seeds"]) == {3}
@@ -125,7 +125,7 @@ def test_seed_points_give_mean_and_standard_error():
 
 
 def test_comparison_puts_echo_first_and_says_what_it_compares():
-    from pipeline.comparison import comparison_lines, comparison_metrics, comparison_table
+    from pipeline.results.comparison import comparison_lines, comparison_metrics, comparison_table
     evaluation = _evaluation(CURVES, shift=lambda m, s: [0.0, 0.5, 1.0][s] if m == "echo" else 0)
     table = comparison_table(evaluation, resamples=300)
     assert len(table) == 1
@@ -148,7 +148,7 @@ def test_comparison_puts_echo_first_and_says_what_it_compares():
 
 
 def test_comparison_of_two_bounds_has_no_exact_rate_warning():
-    from pipeline.comparison import comparison_table
+    from pipeline.results.comparison import comparison_table
     curves = {"vae": CURVES["vae"], "vae-vamp": [(b, r + 1, d - 1) for b, r, d in CURVES["vae"]]}
     row = comparison_table(_evaluation(curves, seeds=(0,)), resamples=10).iloc[0]
     assert (row["series_a"], row["series_b"]) == ("vae", "vae-vamp")

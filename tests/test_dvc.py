@@ -176,12 +176,12 @@ def test_dvc_repro_end_to_end(project: Path):
     metrics = json.loads((project / "metrics.json").read_text())
     assert all(isinstance(v, float) for v in metrics.values()), metrics
     assert {k for k in metrics if k.startswith("neg_elbo.")} == {"neg_elbo.echo", "neg_elbo.vae"}
-    from pipeline.aggregate import best_at_beta
+    from pipeline.results.aggregate import best_at_beta
     best = best_at_beta(evaluation, 1.0)
     assert metrics["neg_elbo.vae"] == pytest.approx(best.loc["vae", "neg_elbo"], rel=1e-5)
     # The curve score, Echo against the VAE. After 12 steps two betas may give curves that
     # share no range (then no row: tests/test_comparison.py checks the score itself).
-    from pipeline.comparison import COMPARISON_COLUMNS
+    from pipeline.results.comparison import COMPARISON_COLUMNS
     comparison = pd.read_csv(project / "results/comparison.csv")
     assert list(comparison.columns) == COMPARISON_COLUMNS
     assert {k for k in metrics if not k.startswith("neg_elbo.")} == {
@@ -237,7 +237,7 @@ def test_dvc_repro_end_to_end(project: Path):
 
 def _check_frontier(frontier: pd.DataFrame, evaluation: pd.DataFrame) -> None:
     """Only non-dominated seed means; per method rate rises while distortion falls."""
-    from pipeline.aggregate import seed_points
+    from pipeline.results.aggregate import seed_points
     assert set(frontier["method"]) == set(evaluation["method"])
     means = seed_points(evaluation)
     for method, front in frontier.groupby("method"):

@@ -42,8 +42,8 @@ from ray import tune
 
 from echo.train import fit, load_checkpoint
 from pipeline.config import load_params
-from pipeline.sweep import run_sweep
-from pipeline.trainable import train_config
+from pipeline.sweep.run import run_sweep
+from pipeline.sweep.trainable import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 OVERFLOW_BETA = 1e39        # beta * rate > float32 max (3.4e38): the loss is inf at step one

@@ -85,10 +85,10 @@ def test_hull_matches_brute_force_chords(pts):
         assert hull[i] == (not above_a_chord)
 
 
-# ---- the frontier stage's tables (pipeline/frontier.py, pipeline/report.py) -------------------
+# ---- the frontier stage's tables (pipeline/results/frontier.py, pipeline/results/report.py) -------------------
 def _evaluation(rows):
     import pandas as pd
-    from pipeline.evaluation import EVALUATION_COLUMNS
+    from pipeline.results.evaluation import EVALUATION_COLUMNS
     base = {"dataset": "binary_mnist", "arch": "conv", "latent_dim": 32, "seed": 0, "lr": 3e-4,
             "clip_factor": np.nan, "status": "completed", "error": "", "checkpoint": "",
             "iwae_k": np.nan, "iwae_neg_log_lik": np.nan, "low_rate_limit": np.nan, "note": ""}
@@ -114,7 +114,7 @@ EVALUATION_ROWS = [
 
 
 def test_frontier_table_per_method_with_hull_flags():
-    from pipeline.frontier import excluded, frontier_table
+    from pipeline.results.frontier import excluded, frontier_table
     evaluation = _evaluation(EVALUATION_ROWS)
     front = frontier_table(evaluation)
     by_method = {m: g for m, g in front.groupby("method")}
@@ -128,10 +128,10 @@ def test_frontier_table_per_method_with_hull_flags():
 
 
 def test_table_2_puts_the_paper_beside_the_best_trial_at_beta_1():
-    from pipeline.comparison import comparison_table
-    from pipeline.evaluation import metrics_summary
-    from pipeline.frontier import frontier_table
-    from pipeline.report import report
+    from pipeline.results.comparison import comparison_table
+    from pipeline.results.evaluation import metrics_summary
+    from pipeline.results.frontier import frontier_table
+    from pipeline.results.report import report
     evaluation = _evaluation(EVALUATION_ROWS + [
         # a second Optuna sample of echo's beta-1 point (same seed): the lower D + R is kept
         dict(trial_id="e5", method="echo", beta=1.0, rate=30.0, distortion=65.0)])
@@ -155,9 +155,9 @@ def test_table_2_puts_the_paper_beside_the_best_trial_at_beta_1():
 def test_in_words_says_whether_echos_low_rate_limit_binds_at_beta_1():
     """table.md's "In words" names Echo's low-rate limit at beta = 1 and whether another method's
     rate there lies below it (where Echo cannot go at that latent size)."""
-    from pipeline.comparison import comparison_table
-    from pipeline.frontier import frontier_table
-    from pipeline.report import report
+    from pipeline.results.comparison import comparison_table
+    from pipeline.results.frontier import frontier_table
+    from pipeline.results.report import report
 
     def words(echo_limit: float) -> str:
         rows = [{**r, "low_rate_limit": echo_limit} if r["method"] == "echo" else r

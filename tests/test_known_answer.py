@@ -164,7 +164,7 @@ def test_point_error_is_the_spread_of_the_linearised_excess():
 
 
 def test_the_evaluate_stage_columns_flag_a_point_below_the_curve(tmp_path, capsys):
-    from pipeline.known_answer import known_answer_columns
+    from pipeline.results.known_answer import known_answer_columns
     config = TrainConfig(method="vae", dataset="gaussian_source", arch="mlp", latent_dim=8,
                          epochs=1, lr=1e-3, beta_warmup_steps=50, seed=0, progress=False)
     model = fit(config).model
@@ -182,7 +182,7 @@ def test_the_evaluate_stage_columns_flag_a_point_below_the_curve(tmp_path, capsy
 
 
 def test_evaluate_checkpoint_gives_the_known_answer_columns(tmp_path):
-    from pipeline.evaluation import EVALUATION_COLUMNS, evaluate_checkpoint
+    from pipeline.results.evaluation import EVALUATION_COLUMNS, evaluate_checkpoint
     fit(TrainConfig(method="echo", dataset="gaussian_source", arch="mlp", latent_dim=4,
                     epochs=1, train_limit=300, seed=0, progress=False, out=str(tmp_path)))
     x = load_dataset("gaussian_source", "test")[0][:500]
@@ -197,7 +197,7 @@ def test_evaluate_checkpoint_gives_the_known_answer_columns(tmp_path):
 
 def test_the_frontier_figure_gets_the_curve_of_the_params_data_set_and_decoder():
     from pipeline.config import Params
-    from pipeline.known_answer import true_curve
+    from pipeline.results.known_answer import true_curve
     gaussian = Params.model_validate({"data": {"dataset": "gaussian_source"}})
     assert true_curve(gaussian).tau == 0.5
     wider = Params.model_validate({"data": {"dataset": "gaussian_source"},
@@ -211,7 +211,7 @@ def test_the_frontier_figure_gets_the_curve_of_the_params_data_set_and_decoder()
 def _evaluation_csv(path, dataset):
     """Two methods' test points a little above binary_source's curve R + D = H(X) = 6.458."""
     import pandas as pd
-    from pipeline.evaluation import EVALUATION_COLUMNS
+    from pipeline.results.evaluation import EVALUATION_COLUMNS
     rows = [dict(trial_id=f"{m}{i}", method=m, beta=b, rate=r, distortion=d, seed=0)
             for m, points in {"echo": [(0.5, 3.0, 3.9), (1.0, 2.0, 4.8)],
                               "vae": [(0.5, 3.5, 3.3), (1.0, 1.5, 5.2)]}.items()
@@ -233,8 +233,8 @@ def test_the_frontier_stage_draws_the_true_curve_where_the_data_set_has_one(
     import matplotlib.colors
     import stages.frontier
     from pipeline.config import Params
-    from pipeline.known_answer import true_curve
-    from pipeline.plots import TRUTH_LABEL, rd_curves
+    from pipeline.results.known_answer import true_curve
+    from pipeline.results.plots import TRUTH_LABEL, rd_curves
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(f"data: {{dataset: {dataset}}}\n")
     (tmp_path / "results").mkdir()
@@ -275,7 +275,7 @@ def test_the_sweep_refuses_real_valued_data_under_a_bernoulli_decoder(
         tmp_path, monkeypatch, capsys, dataset, likelihood, refused):
     """Before Ray starts: one line naming data.dataset, the decoder and the fix; no tracking
     store, no experiment folder. Data in [0, 1] under a Bernoulli decoder passes the check."""
-    from pipeline.checks import check_inputs
+    from pipeline.sweep.checks import check_inputs
     from pipeline.config import Params
     from pipeline.stage_files import DEFAULT_FILES
     from stages.sweep import main as sweep_main

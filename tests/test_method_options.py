@@ -13,9 +13,10 @@ from echo.methods import tunable_options
 from echo.settings import TrainConfig, default_of, sweep_wide_settings
 from echo.train import load_model, make_model
 from pipeline.config import Params, TrainParams
-from pipeline.search import search_space
-from pipeline.trainable import train_config
-from pipeline.trials import OPTION_COLUMNS, SETTING_COLUMNS, csv_row, grid_points
+from pipeline.sweep.search import search_space
+from pipeline.sweep.trainable import train_config
+from pipeline.records import OPTION_COLUMNS, SETTING_COLUMNS
+from pipeline.sweep.trials import csv_row, grid_points
 
 
 def params(**raw) -> Params:
@@ -28,7 +29,7 @@ def params(**raw) -> Params:
 
 
 def trial_configs(p: Params, tmp_path) -> list[dict]:
-    from pipeline.sweep import tune_config
+    from pipeline.sweep.run import tune_config
     searcher = tune_config(p, tmp_path).search_alg
     return [searcher.suggest(f"t{i}") for i in range(len(grid_points(p)))]
 
@@ -50,7 +51,7 @@ def test_method_options_from_params_reach_each_trials_model(tmp_path):
     assert make_model(train_config(echo_trial), (1, 8, 8)).channel.clip_factor == clip_factor(49)
     assert not hasattr(models["vae"].channel, "d_max")       # options stay with their method
     # The options are part of the sweep's identity: another value is another sweep.
-    from pipeline.experiment import fingerprint
+    from pipeline.sweep.experiment import fingerprint
     assert fingerprint(p) != fingerprint(params(method_options={"vae-vamp": {"n_pseudo": 8}}))
 
 
@@ -68,7 +69,7 @@ def test_a_search_range_is_searched_for_its_method_only(tmp_path):
         else:
             assert "clip_factor" not in cfg.method_options
         # A trial's row carries its own method's options only (sweep.csv's column of another
-        # method's option is left empty for it; pipeline.trials.SETTING_COLUMNS has them all).
+        # method's option is left empty for it; pipeline.records.SETTING_COLUMNS has them all).
         row = csv_row(config, {}, "completed", "", "")
         assert set(OPTION_COLUMNS) <= set(SETTING_COLUMNS)
         if cfg.method == "echo":
@@ -94,7 +95,7 @@ def test_params_train_section_is_trainconfigs_sweep_wide_fields():
         assert field.default == default_of(f) and field.annotation == hints[f.name]
     p = params(train={"epochs": 3, "batch_size": 40, "lr": 0.002, "lr_decay_start": 0.25,
                       "beta_warmup_steps": 7, "device": "cpu", "cuda_graph": False})
-    from pipeline.trainable import trial_base
+    from pipeline.sweep.trainable import trial_base
     cfg = train_config({**trial_base(p, __import__("pathlib").Path(".")), **grid_points(p)[0]})
     for name, value in p.train.model_dump().items():
         assert getattr(cfg, name) == value

@@ -1,4 +1,4 @@
-"""MLflow shows the sweep's result (pipeline.results_tracking): the final test metrics in each
+"""MLflow shows the sweep's result (pipeline.results.tracking): the final test metrics in each
 trial's child run, the evaluate/frontier files on the sweep's parent run, nothing twice on a
 rerun, and a store that cannot be reached is one warning line, not a failed stage.
 
@@ -31,8 +31,9 @@ from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.config import Params  # noqa: E402
-from pipeline.results_tracking import (EVALUATE_ARTIFACTS, FRONTIER_ARTIFACTS,  # noqa: E402
-                                       NOTE_TAG, PARENT_TAG, publish)
+from pipeline.results.tracking import (EVALUATE_ARTIFACTS, FRONTIER_ARTIFACTS,  # noqa: E402
+                                       publish)
+from pipeline.records import NOTE_TAG, PARENT_TAG  # noqa: E402
 
 TRIALS = ("echo_b1_mlp_z4", "vae_b1_mlp_z4")
 
@@ -62,7 +63,7 @@ def store_state(client: MlflowClient, run_ids) -> dict:
 
 
 def fake_sweep(root: Path) -> tuple[MlflowClient, str, dict[str, str]]:
-    """A store with a parent and two child runs tagged as pipeline.tracking tags them (with a
+    """A store with a parent and two child runs tagged as pipeline.sweep.tracking tags them (with a
     per-epoch test_neg_elbo history), and the files the stages would have written."""
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.create_experiment("t", artifact_location=(root / "art").as_uri())
@@ -148,7 +149,7 @@ def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monke
         assert not publish("frontier", lost)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"warning: MLflow ({uri})"), err
-        assert "python -m pipeline.results_tracking" in err
+        assert "python -m pipeline.results.tracking" in err
     assert not missing_db.exists()
 
 
@@ -156,7 +157,7 @@ def test_the_saved_view_charts_only_metrics_every_method_has():
     """MLflow drops from a parallel-coordinates chart every run without one of its metrics;
     Echo logs no IWAE metric (no density), so the saved view's charts never use it, and its
     parallel-coordinates chart has only params and metrics that Echo's runs have too."""
-    from pipeline.results_tracking import FINAL_METRICS, chart_view_state
+    from pipeline.results.tracking import FINAL_METRICS, chart_view_state
     charts = chart_view_state("uid")["compareRunCharts"]
     assert "iwae" not in json.dumps(charts)
     [parallel] = [c for c in charts if c["type"] == "PARALLEL"]
@@ -244,8 +245,9 @@ def mlflow_ui(db: Path):
 def test_every_run_records_its_settings_its_commit_and_its_colour(pipeline_run):
     from echo.methods import method_options
     from pipeline.colors import method_color
-    from pipeline.results_tracking import COLOR_TAG, COMMIT_TAG, git_commit
-    from pipeline.tracking import TRIAL_SETTINGS
+    from pipeline.records import COLOR_TAG, COMMIT_TAG
+    from pipeline.mlflow_store import git_commit
+    from pipeline.sweep.tracking import TRIAL_SETTINGS
 
     root, _ = pipeline_run
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

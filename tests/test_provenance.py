@@ -12,8 +12,9 @@ from echo.methods import method_options
 from echo.metrics import EPOCH_METRICS
 from echo.settings import TrainConfig, provenance_settings, resume_free_settings
 from pipeline.config import Params
-from pipeline.experiment import experiment_uid, fingerprint, same_settings
-from pipeline.trials import CSV_COLUMNS, SETTING_COLUMNS, csv_row, trial_provenance
+from pipeline.sweep.experiment import experiment_uid, fingerprint, same_settings
+from pipeline.records import CSV_COLUMNS, SETTING_COLUMNS
+from pipeline.sweep.trials import csv_row, trial_provenance
 
 
 def params(train=None, **sweep) -> Params:
@@ -28,7 +29,7 @@ def params(train=None, **sweep) -> Params:
 
 
 def fingerprint_before_this_change(p: Params) -> dict:
-    """What pipeline.experiment.fingerprint stored before settings declared themselves: hand-kept
+    """What pipeline.sweep.experiment.fingerprint stored before settings declared themselves: hand-kept
     lists, every train: value written out, params.options of any method."""
     sweep = p.sweep.model_dump(include={"methods", "betas", "archs", "latent_dims", "seeds",
                                         "search", "asha", "train_limit", "test_limit"})
@@ -95,7 +96,7 @@ def trial(method: str, **extra) -> dict:
 
 
 def test_a_trials_row_and_params_are_every_setting_and_option_it_used_once():
-    from pipeline.tracking import trial_params
+    from pipeline.sweep.runs import trial_params
     assert len(set(CSV_COLUMNS)) == len(CSV_COLUMNS)
     config = trial("echo", options={"clip_factor": 0.7}, lr=0.002)
     record = {"epoch": 2, **{name: 1.0 for name in EPOCH_METRICS}, "epoch_lr": 0.0}
@@ -120,7 +121,7 @@ def test_a_trials_row_and_params_are_every_setting_and_option_it_used_once():
 def test_mlflow_is_backfilled_with_the_library_record_of_an_old_checkpoint(tmp_path):
     import torch
 
-    from pipeline.tracking import SweepTracker
+    from pipeline.sweep.runs import SweepRuns
 
     class Client:                          # the two MlflowClient calls complete_history makes
         logged = []
@@ -135,16 +136,16 @@ def test_mlflow_is_backfilled_with_the_library_record_of_an_old_checkpoint(tmp_p
            "train_distortion": 10.0, "train_neg_elbo": 12.0, "test_rate": 3.0,
            "test_distortion": 11.0, "test_neg_elbo": 14.0}
     torch.save({"config": {"beta": 0.5}, "history": [old], "epoch": 1}, tmp_path / "model.pt")
-    tracker = SweepTracker("sqlite:///x.db", "e", "s", "u", artifact_root=tmp_path)
-    tracker.client = Client()
-    assert tracker.complete_history("run", tmp_path / "model.pt") == 1
-    logged = {m.key: m.value for m in tracker.client.logged}
+    runs = SweepRuns("sqlite:///x.db", "e", "s", "u", artifact_root=tmp_path)
+    runs.client = Client()
+    assert runs.complete_history("run", tmp_path / "model.pt") == 1
+    logged = {m.key: m.value for m in runs.client.logged}
     assert set(logged) == set(EPOCH_METRICS)
     assert logged["test_loss"] == pytest.approx(11.0 + 0.5 * 3.0) and logged["epoch_lr"] == 3e-4
 
 
 def test_a_sweep_csv_written_before_the_provenance_columns_still_evaluates(tmp_path):
-    from pipeline.evaluation import SWEEP_COLUMNS, read_sweep
+    from pipeline.results.evaluation import SWEEP_COLUMNS, read_sweep
     old = ("trial_id,method,dataset,arch,latent_dim,beta,seed,lr,clip_factor,status,error,"
            "epochs_done,checkpoint,mlflow_run_id,train_rate,train_distortion,train_neg_elbo,"
            "test_rate,test_distortion,test_neg_elbo\n"

@@ -201,15 +201,15 @@ def test_sweep_without_a_completed_trial_fails_and_closes_old_runs(tmp_path):
     1 with one line, writes no results/sweep.csv (DVC records nothing) and ends its MLflow
     runs as FAILED. The folder and runs of an earlier sweep with other params, left open by
     a killed driver, are archived and closed (KILLED), not left RUNNING."""
-    from pipeline.experiment import experiment_uid
-    from pipeline.tracking import SweepTracker
+    from pipeline.sweep.experiment import experiment_uid
+    from pipeline.sweep.runs import SweepRuns
 
     write_params(tmp_path, "nothing", betas=[1e39], epochs=1)
     # What a SIGKILLed driver of other params leaves: its folder, its parent and a child run
     # both RUNNING (made with the real tracker against the real store).
     experiment = tmp_path / "ray_results" / "nothing"
     old_uid, _ = experiment_uid(str(experiment), {"an": "older sweep"})
-    old = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "nothing", "nothing", old_uid,
+    old = SweepRuns(f"sqlite:///{tmp_path / 'mlflow.db'}", "nothing", "nothing", old_uid,
                        artifact_root=tmp_path / "mlartifacts").open()
     old_child = old.child_run({"trial_id": "vae_b1_mlp_z4", "method": "vae",
                                "dataset": "digits", "beta": 1.0})
@@ -343,7 +343,7 @@ def test_resume_applies_new_knobs_and_completes_runs_in_a_new_store(tmp_path):
     there holds every epoch, those of trials finished before the interruption included, with
     the values of the trial's final checkpoint."""
     from pipeline.config import load_params
-    from pipeline.sweep import SweepInterrupted, run_sweep
+    from pipeline.sweep.run import SweepInterrupted, run_sweep
 
     betas = [0.25, 0.5, 1.0, 2.0]
     write_params(tmp_path, "knobs", betas=betas)

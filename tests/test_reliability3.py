@@ -245,15 +245,15 @@ def test_damaged_or_read_only_store_is_refused_before_anything_is_archived(tmp_p
     then mlflow.db truncated to half, or made read-only: the sweep exits 1 in one line naming
     the file and the fix, before Ray starts, and the earlier experiment is not archived."""
     import ray
-    from pipeline.experiment import experiment_uid, stored_uid
-    from pipeline.tracking import SweepTracker
+    from pipeline.sweep.experiment import experiment_uid, stored_uid
+    from pipeline.sweep.runs import SweepRuns
     from stages.sweep import main as sweep_main
 
     write_params(tmp_path, "store")
     experiment = tmp_path / "ray_results" / "store"
     old_uid, _ = experiment_uid(str(experiment), {"an": "older sweep"})
     db = tmp_path / "mlflow.db"
-    old = SweepTracker(f"sqlite:///{db}", "store", "store", old_uid,
+    old = SweepRuns(f"sqlite:///{db}", "store", "store", old_uid,
                        artifact_root=tmp_path / "mlartifacts").open()
     old.child_run({"trial_id": "vae_b1_mlp_z4", "method": "vae", "dataset": "digits",
                    "beta": 1.0})

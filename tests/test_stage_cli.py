@@ -67,7 +67,7 @@ def test_a_stage_reads_the_path_it_is_given(project, capsys, stage, option_name,
 
 
 def test_results_tracking_is_given_the_same_paths(project, capsys):
-    from pipeline.results_tracking import main
+    from pipeline.results.tracking import main
     (project / "elsewhere").mkdir()
     (project / "elsewhere" / "sweep.csv").write_text("trial_id\n")
     assert main(["--sweep-csv", "elsewhere/sweep.csv",
@@ -77,7 +77,7 @@ def test_results_tracking_is_given_the_same_paths(project, capsys):
 
 
 @pytest.mark.parametrize("module", ["stages.prepare", "stages.sweep", "stages.evaluate",
-                                    "stages.frontier", "pipeline.results_tracking"])
+                                    "stages.frontier", "pipeline.results.tracking"])
 def test_bad_params_exit_2_in_one_line_before_any_file_is_read(project, capsys, module):
     (project / "params.yaml").write_text("data: {dataset: nosuchset}\n")
     main = __import__(module, fromlist=["main"]).main

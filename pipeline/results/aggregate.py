@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.trials import TrialStatus
+from pipeline.records import TrialStatus
 
 SERIES_KEYS = ["method", "arch", "latent_dim"]
 POINT_KEYS = [*SERIES_KEYS, "beta"]

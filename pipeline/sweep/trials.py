@@ -1,62 +1,19 @@
-"""What a sweep trial is: its name, its grid point, its per-beta members, its status, its files
-and its row of results/sweep.csv. The lowest module of the sweep: plain data and functions,
-no Ray or MLflow, so that the trainables (in Ray workers), the MLflow tracker and the
-driver all take these names from here and each is defined once.
+"""What a sweep trial is: its name, its grid point, its per-beta members, its TrainConfig and
+provenance, and its row of results/sweep.csv (whose columns, statuses and file names are the
+shared records, pipeline.records). The lowest module of the sweep: plain data and functions,
+no Ray or MLflow, so that the trainables (in Ray workers), the MLflow tracker and the driver
+all take these from here and each is defined once.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import fields
-from pathlib import Path
 
-from echo.methods import METHODS, method_options, tunable_options
+from echo.methods import method_options
 from echo.metrics import EPOCH_METRICS
-from echo.settings import TrainConfig, provenance_settings
+from echo.settings import TrainConfig
 from pipeline.config import Params
-
-
-class TrialStatus:
-    """A trial's status: the `status` key of every report it makes to Tune, its MLflow child
-    run's `status` tag and its `status` column in results/sweep.csv (plain strings: they are
-    written as they are)."""
-    RUNNING = "running"          # every epoch's report; never how a trial ends
-    COMPLETED = "completed"      # trained every epoch (or stopped early by ASHA)
-    NONFINITE = "nonfinite"      # its loss turned NaN/inf: ended with the reason, no retry
-    FAILED = "failed"            # crashed more than sweep.max_failures times
-    INTERRUPTED = "interrupted"  # MLflow only: its sweep was archived before it ended
-
-
-# What a trial reports per epoch (and per member, for a packed trial), logs to MLflow and keeps
-# (its last epoch's) in results/sweep.csv: the library's epoch record, echo.metrics.EPOCH_METRICS,
-# defined there once. Any train_/test_ value may be the search metric, so all are in every
-# report (Tune checks).
-REPORTED_METRICS = EPOCH_METRICS
-
-# The files of a trial's final Tune checkpoint (per member folder for a packed trial), also its
-# MLflow child run's artifacts. The model file is echo's checkpoint dict (`echo.train.
-# save_checkpoint`); among the stage's outputs it is `trial_checkpoint(trial_id, folder)`.
-MODEL_FILE = "model.pt"
-RECONSTRUCTIONS_FILE = "reconstructions.png"
-ARTIFACT_DIR = Path("mlartifacts")     # the MLflow experiment's artifact root (state, not an out)
-# The options any method lets a sweep search (e.g. Echo's clip_factor): top-level keys of a
-# trial's config too, so that Tune's progress table shows them.
-OPTION_COLUMNS = tuple(sorted({o for m in METHODS for o in tunable_options(m)}))
-# A trial's provenance (`trial_provenance`): every training setting it was trained with
-# (echo.settings.provenance_settings: all TrainConfig fields but the local ones), then every
-# method's options, a trial's own with the values it used (its method's defaults included),
-# the others' empty. Its MLflow child run's params are the same, its own options only.
-PROVENANCE_SETTINGS = provenance_settings()
-METHOD_OPTION_COLUMNS = tuple(sorted({o for m in METHODS for o in method_options(m)}))
-# A trial's settings: the first columns of results/sweep.csv and of results/evaluation.csv.
-SETTING_COLUMNS = ("trial_id", *PROVENANCE_SETTINGS, *METHOD_OPTION_COLUMNS)
-OUTCOME_COLUMNS = ("status", "error", "epochs_done", "checkpoint", "mlflow_run_id")
-CSV_COLUMNS = [*SETTING_COLUMNS, *OUTCOME_COLUMNS, *EPOCH_METRICS]
-# Each name once: a record value named like a setting (the per-epoch lr) would overwrite the
-# setting in the row, an option named like a training setting would hide it.
-if len(set(CSV_COLUMNS)) != len(CSV_COLUMNS):
-    raise ImportError(f"results/sweep.csv would hold a column twice: "
-                      f"{sorted({c for c in CSV_COLUMNS if CSV_COLUMNS.count(c) > 1})} (a "
-                      f"training setting, a method option and the epoch record share a name)")
+from pipeline.records import OPTION_COLUMNS, PROVENANCE_SETTINGS, TrialStatus
 
 
 def method_trial_options(base: dict, method: str, searched: dict) -> dict:
@@ -85,10 +42,6 @@ def trial_provenance(config: dict) -> dict:
     return {**{name: getattr(cfg, name) for name in PROVENANCE_SETTINGS},
             **method_options(cfg.method), **cfg.method_options}
 
-
-def trial_checkpoint(trial_id: str, folder: Path) -> Path:
-    """Where a completed trial's model file goes in the stage's checkpoints folder."""
-    return folder / f"{trial_id}.pt"
 
 
 def trial_name(point: dict, sample: int, num_samples: int) -> str:

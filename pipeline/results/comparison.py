@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from echo.frontier import bootstrap_curve_gap
-from pipeline.aggregate import seed_trials
+from pipeline.results.aggregate import seed_trials
 
 GAP_COLUMNS = ["distortion_gap", "distortion_gap_low", "distortion_gap_high", "rate_low",
                "rate_high", "rate_gap", "rate_gap_low", "rate_gap_high", "distortion_low",

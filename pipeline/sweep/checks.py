@@ -15,13 +15,14 @@ from echo.checkpoint import run_likelihood
 from echo.data import DataError
 from echo.train import load_train_test
 from pipeline.config import Params
-from pipeline.experiment import storage_uri
+from pipeline.sweep.experiment import storage_uri
 from pipeline.data_errors import data_error_line
-from pipeline.results_tracking import resolve_tracking_uri
-from pipeline.sweep_errors import SweepError, unwritable
-from pipeline.trainable import train_config, trial_base
+from pipeline.mlflow_store import resolve_tracking_uri
+from pipeline.sweep.errors import SweepError, unwritable
+from pipeline.sweep.trainable import train_config, trial_base
 from pipeline.stage_files import StageFiles
-from pipeline.trials import ARTIFACT_DIR, grid_points
+from pipeline.records import ARTIFACT_DIR
+from pipeline.sweep.trials import grid_points
 
 
 def check_inputs(params: Params, root: Path, files: StageFiles) -> None:

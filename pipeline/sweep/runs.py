@@ -1,73 +1,37 @@
-"""MLflow tracking of a sweep: one parent run per sweep, one child run per trial.
+"""A sweep's runs in MLflow: one parent run per sweep, one child run per (per-beta) trial, found
+again rather than re-created when a sweep resumes: the parent by the sweep's instance id (tag
+`echo.sweep_uid`, written once per experiment directory), a child by the trial's readable id
+(tag `trial_id`). Epochs a child already holds are not logged twice.
 
-Every MLflow call happens in the Ray Tune *driver* (this module is a Tune `Callback`), never in
-the trials. The trials only report results to Tune; the driver is the single writer of the
-tracking store, so any number of concurrent trials share a SQLite store without
-"database is locked".
-
-Runs are found again, not re-created, when a sweep resumes: the parent by the sweep's
-instance id (tag `echo.sweep_uid`, written once per experiment directory), a child by the
-trial's readable id (tag `trial_id`). Epochs a child already holds are not logged twice.
-
-A packed Tune trial (`sweep.pack_betas`: all betas in one ensemble) gets one child run per
-beta, the same as unpacked trials: every hook goes through `trial_members`.
+Only the driver calls this (pipeline.sweep.tracking, a Tune callback): it is the single writer
+of the store, so any number of concurrent trials share a SQLite store without "database is
+locked". Calls fail at once when the store is away; pipeline.sweep.outage holds them back.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import signal
-import sys
 import time
-from typing import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from ray import tune
 
 from pipeline.colors import method_color
-from pipeline.results_tracking import (COLOR_TAG, COMMIT_TAG, PARENT_TAG, SWEEP_UID_TAG,
-                                       git_commit)
-from pipeline.trials import (EPOCH_METRICS, MODEL_FILE, RECONSTRUCTIONS_FILE, TrialStatus,
-                             member_folder, member_outcome, member_result, trial_error_text,
-                             trial_members, trial_provenance, PROVENANCE_SETTINGS)
+from pipeline.mlflow_store import SWEEP_DRIVER_HTTP, git_commit, is_server, store_lock
+from pipeline.records import (COLOR_TAG, COMMIT_TAG, MODEL_FILE, PARENT_TAG,
+                              RECONSTRUCTIONS_FILE, ROLE_TAG, SWEEP_UID_TAG, TrialStatus)
+from echo.metrics import EPOCH_METRICS
+from pipeline.sweep.trials import trial_provenance
 
-# A child run's params are its provenance: these training settings, then its method's options.
-TRIAL_SETTINGS = PROVENANCE_SETTINGS
+if TYPE_CHECKING:
+    from ray import tune
+
 PARENT_PREFIX = "sweep."      # the parent's params (sweep.betas), never mistaken for a trial's
-ROLE_TAG = "echo.role"
-# How long a sweep goes on while its tracking store is unreachable (env
-# ECHO_TRACKING_MAX_OUTAGE_S), and how often the store is tried meanwhile.
-MAX_OUTAGE_SECONDS = 600.0
-RETRY_SECONDS = 5.0
 
 
-@contextlib.contextmanager
-def store_lock(uri: str):
-    """Serialise the first use of a SQLite store among drivers on this machine: two drivers
-    creating the schema of a new mlflow.db at once fail (`_alembic_tmp_experiments already
-    exists`). Other stores need no lock here."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        yield
-        return
-    import hashlib
-    import tempfile
-    from filelock import FileLock
-    db = Path(uri[len(prefix):].split("?", 1)[0]).resolve()
-    db.parent.mkdir(parents=True, exist_ok=True)
-    # In the temp folder (one per store path): beside mlflow.db it would be a stray file in
-    # the project, which git does not ignore.
-    digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
-    with FileLock(str(Path(tempfile.gettempdir()) / f"echo-rd-store-{digest}.lock"),
-                  timeout=600):
-        yield
-
-
-class SweepTracker(tune.Callback):
-    """Ray Tune callback that mirrors a sweep into MLflow from the driver."""
+class SweepRuns:
+    """The parent and child runs of one sweep, and the epochs logged into them."""
 
     def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_uid: str, *,
                  artifact_root: Path, parent_params: dict | None = None,
@@ -86,28 +50,18 @@ class SweepTracker(tune.Callback):
         self._pending: dict[str, list[Metric]] = {}   # trial_id -> metrics not yet written
         self._flushed: dict[str, float] = {}      # trial_id -> time.monotonic() of last write
         self.flush_seconds = flush_seconds
-        self._queue: list[Callable[[], None]] = []  # hook writes waiting for the store
-        self._down_since: float | None = None     # time.monotonic() it became unreachable
-        self._tried = 0.0
-        self._last_error = ""
-        self.max_outage = float(os.environ.get("ECHO_TRACKING_MAX_OUTAGE_S", MAX_OUTAGE_SECONDS))
-        self.unreachable = ""                     # why the sweep was stopped, if it was
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; a connection is not state.
         return {**self.__dict__, "client": None, "_children": {}, "_last_step": {},
-                "_pending": {}, "_flushed": {}, "_queue": [], "_down_since": None}
+                "_pending": {}, "_flushed": {}}
 
-    # -- runs ------------------------------------------------------------------------------
-    def open(self) -> "SweepTracker":
+    def open(self) -> "SweepRuns":
         """Connect, and find or create the experiment and this sweep's parent run."""
         if self.client is not None:
             return self
-        if self.uri.startswith(("http://", "https://")):
-            # Fail a call in seconds, not after MLflow's ~4 minutes of retries per call: the
-            # tracker waits for a store that is away itself, without blocking the trials.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if is_server(self.uri):
+            SWEEP_DRIVER_HTTP.install()
         self.client = MlflowClient(tracking_uri=self.uri)
         with store_lock(self.uri):
             self.experiment_id = self._experiment_id()
@@ -281,128 +235,9 @@ class SweepTracker(tune.Callback):
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)
 
-    # -- a store that goes away ------------------------------------------------------------
-    # Every hook's MLflow calls go through `_defer`: while the store is unreachable they wait,
-    # in order, in `_queue`, and Tune's loop (so every trial) goes on; they are written when it
-    # is back. Past `max_outage` seconds the sweep is stopped as Ctrl-C would stop it (its
-    # trials saved, a rerun resumes) and `unreachable` says why.
-    def _defer(self, op: Callable[[], None]) -> None:
-        self._queue.append(op)
-        self.drain()
-
-    def drain(self, wait: float = 0.0) -> bool:
-        """Write what is buffered, in order (while the store is away, try at most every
-        RETRY_SECONDS); keep trying for `wait` seconds. True when nothing is left."""
-        deadline = time.monotonic() + wait
-        while True:
-            if self._down_since is None or \
-                    time.monotonic() - self._tried >= RETRY_SECONDS:
-                if self._write_queue():
-                    return True
-            self._check_outage()
-            if self.unreachable or time.monotonic() >= deadline:
-                return False
-            time.sleep(max(0.0, min(RETRY_SECONDS, deadline - time.monotonic())))
-
-    def _write_queue(self) -> bool:
-        while self._queue:
-            try:
-                self._queue[0]()
-            except Exception as err:  # noqa: BLE001 - only an unreachable store is absorbed
-                if not store_unreachable(err):
-                    raise
-                self._tried = time.monotonic()
-                self._last_error = _first_line(err)
-                if self._down_since is None:
-                    self._down_since = self._tried
-                    print(f"warning: tracking store {self.uri} is unreachable "
-                          f"({self._last_error}); the trials go on and their results are "
-                          f"written when it is back (waiting at most {self.max_outage:.0f} s)",
-                          file=sys.stderr, flush=True)
-                return False
-            self._queue.pop(0)
-        if self._down_since is not None:
-            print(f"note: tracking store {self.uri} is back after "
-                  f"{time.monotonic() - self._down_since:.0f} s; buffered results written",
-                  file=sys.stderr, flush=True)
-            self._down_since = None
-        return True
-
-    def _check_outage(self) -> None:
-        if self._down_since is None or self.unreachable:
-            return
-        away = time.monotonic() - self._down_since
-        if away <= self.max_outage:
-            return
-        self.unreachable = (f"tracking store {self.uri} unreachable for {away:.0f} s "
-                            f"({self._last_error})")
-        # Inside Tune's run, stop it as Ctrl-C does (trials saved, the rerun resumes); Tune's
-        # handler is installed only then (the default action would kill the process).
-        if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    # -- Tune callback hooks (called in the driver, one at a time) ------------------------
-    def setup(self, **info):
-        self.open()
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        members = trial_members(trial.config)
-        self._defer(lambda: [self.child_run(member) for member in members])
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("status") == TrialStatus.RUNNING and "epoch" in result:
-            # a packed trial's member that has stopped (non-finite loss) logs no more epochs
-            members = [(m, r) for m in trial_members(trial.config)
-                       if (r := member_result(result, m)).get("status") == TrialStatus.RUNNING]
-            self._defer(lambda: [self.log_epoch(m, r) for m, r in members])
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        status = result.get("status", TrialStatus.COMPLETED)
-        if status == TrialStatus.RUNNING:
-            status = TrialStatus.COMPLETED
-        members, checkpoint = trial_members(trial.config), trial.checkpoint
-        outcomes = [member_outcome(status, result.get("error", ""), member_result(result, m))
-                    for m in members]
-        self._defer(lambda: [self.finish_trial(member, member_status, error, checkpoint,
-                                               member_folder(member))
-                             for member, (member_status, error) in zip(members, outcomes)])
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        members, error = trial_members(trial.config), trial_error_text(trial)
-        self._defer(lambda: [self.finish_trial(member, TrialStatus.FAILED, error)
-                             for member in members])
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        members = trial_members(trial.config)
-        self._defer(lambda: [self.flush(member["trial_id"]) for member in members])
-
-    def on_experiment_end(self, trials, **info):
-        self._defer(self.flush)
-
-
-def store_unreachable(err: BaseException) -> bool:
-    """The store did not answer (refused, timed out, a 5xx): worth waiting for, unlike a
-    refused request."""
-    import requests
-    from mlflow.exceptions import MlflowException
-    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                        ConnectionError, TimeoutError)):
-        return True
-    text = str(err)
-    return isinstance(err, MlflowException) and (
-        "API request to" in text or "Max retries exceeded" in text
-        or "Connection refused" in text)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
-
 
 def trial_params(config: dict) -> dict:
-    """A trial's params: its provenance (`pipeline.trials.trial_provenance`, the setting
+    """A trial's params: its provenance (`pipeline.sweep.trials.trial_provenance`, the setting
     columns of its results/sweep.csv row): every training setting it used, defaults included,
     and its own method's options, each once."""
     return trial_provenance(config)

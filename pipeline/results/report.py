@@ -1,6 +1,6 @@
 """results/table.md: what the sweep shows, in words and tables, beside the paper's numbers.
 
-- "In words": the β = 1 ranking and the curve-against-curve gaps (pipeline.comparison).
+- "In words": the β = 1 ranking and the curve-against-curve gaps (pipeline.results.comparison).
 - A Table-2-style table at β = 1 (D + R is then the negative ELBO, a bound on -log p(x), Sec. 3):
   mean ± standard error over seeds, the seed count and the kind of each rate.
 - The frontier per series, and the trials left out with their reasons.
@@ -13,12 +13,12 @@ from pathlib import Path
 import pandas as pd
 
 from echo.files import atomic_write
-from pipeline.aggregate import best_at_beta
-from pipeline.comparison import comparison_lines
-from pipeline.evaluation import TABLE_BETA
-from pipeline.frontier import excluded, exclusion_reason
-from pipeline.paper import PAPER_TABLE_2
-from pipeline.results_tracking import IN_WORDS       # the section MLflow's description quotes
+from pipeline.results.aggregate import best_at_beta
+from pipeline.results.comparison import comparison_lines
+from pipeline.results.evaluation import TABLE_BETA
+from pipeline.results.frontier import excluded, exclusion_reason
+from pipeline.results.paper import PAPER_TABLE_2
+from pipeline.results.tracking import IN_WORDS       # the section MLflow's description quotes
 
 RATE_KIND_LABELS = {"exact": "exact", "analytic_kl": "bound (analytic KL)",
                     "single_sample_bound": "bound (1 sample)"}

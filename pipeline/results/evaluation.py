@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from echo import echo_low_rate_limit
 from echo.files import atomic_write
 from echo.train import evaluate, iwae_neg_log_likelihood, load_model, resolve_device
-from pipeline.aggregate import best_at_beta
-from pipeline.headline import best_neg_elbo, pair_gaps
-from pipeline.known_answer import KNOWN_ANSWER_COLUMNS, known_answer_columns
-from pipeline.trials import SETTING_COLUMNS, TrialStatus
+from pipeline.results.aggregate import best_at_beta
+from pipeline.results.headline import best_neg_elbo, pair_gaps
+from pipeline.results.known_answer import KNOWN_ANSWER_COLUMNS, known_answer_columns
+from pipeline.records import SETTING_COLUMNS, TrialStatus
 
-# What evaluate reads of results/sweep.csv (pipeline.trials.CSV_COLUMNS).
+# What evaluate reads of results/sweep.csv (pipeline.records.CSV_COLUMNS).
 SWEEP_COLUMNS = (*SETTING_COLUMNS, "status", "error", "checkpoint")
 # Of those, what evaluate cannot do without (the rest of a trial's provenance is carried over).
 NEEDED_COLUMNS = ("trial_id", "method", "beta", "status", "error", "checkpoint")
@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str | Path, x_test: torch.Tensor, *, batch_s
     clip = getattr(model.channel, "clip_factor", None)
     if getattr(model.channel, "exact_rate", False) and clip is not None:
         row["low_rate_limit"] = echo_low_rate_limit(clip, config.latent_dim)
-    # Where the data set's R-D function is known: the excess over it (pipeline.known_answer).
+    # Where the data set's R-D function is known: the excess over it (pipeline.results.known_answer).
     row.update(known_answer_columns(model, config, x, batch, row))
     return row
 
@@ -116,7 +116,7 @@ def evaluate_sweep(sweep: pd.DataFrame, x_test: torch.Tensor, *, batch_size: int
 
 def metrics_summary(evaluation: pd.DataFrame, comparison: pd.DataFrame | None = None,
                     beta: float = TABLE_BETA) -> dict[str, float]:
-    """metrics.json, flat and numeric (pipeline.headline): `neg_elbo.<method>`, the best test
+    """metrics.json, flat and numeric (pipeline.results.headline): `neg_elbo.<method>`, the best test
     -ELBO at `beta` (mean over seeds), and `D_gap.<a>_vs_<b>` of the first series against each
     other, so that `dvc metrics show` / `dvc exp show` give one short column each."""
     out = best_neg_elbo(best_at_beta(evaluation, beta))

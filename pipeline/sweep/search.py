@@ -20,7 +20,8 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
 from pipeline.config import Params
-from pipeline.trials import TrialStatus, method_trial_options, trial_name
+from pipeline.records import TrialStatus
+from pipeline.sweep.trials import method_trial_options, trial_name
 
 
 def search_space(params: Params, method: str) -> dict:

@@ -1,7 +1,7 @@
 """Per-method rate-distortion frontiers of the evaluated sweep (results/frontier.csv).
 
 A series is one method at one architecture and latent size (the paper's curves are per method
-at a fixed architecture). Its points are the seed means of `pipeline.aggregate.seed_points`;
+at a fixed architecture). Its points are the seed means of `pipeline.results.aggregate.seed_points`;
 its frontier holds the Pareto-optimal ones, each flagged whether it lies on the lower convex
 hull, with the spreads over seeds and the kind of its rate.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from echo.frontier import lower_convex_hull, rd_frontier
-from pipeline.aggregate import POINT_COLUMNS, completed, seed_points
+from pipeline.results.aggregate import POINT_COLUMNS, completed, seed_points
 
 FRONTIER_COLUMNS = [*POINT_COLUMNS, "on_hull"]
 

@@ -3,9 +3,9 @@
     run_sweep(load_params("params.yaml"), root=Path("."))   # -> results/sweep.csv
 
 A grid over method x beta x arch x latent_dim (x seed), Optuna for the learning rate and Echo's
-clipping factor at each grid point (pipeline.search), the trials in Ray workers
-(pipeline.trainable), MLflow tracking from this driver (pipeline.tracking). The experiment
-lives in `<storage_path>/<name>` (pipeline.experiment); if it exists with the same settings,
+clipping factor at each grid point (pipeline.sweep.search), the trials in Ray workers
+(pipeline.sweep.trainable), MLflow tracking from this driver (pipeline.sweep.tracking). The experiment
+lives in `<storage_path>/<name>` (pipeline.sweep.experiment); if it exists with the same settings,
 the sweep is resumed with `Tuner.restore(resume_errored=True)`. docs/sweep.md explains it at
 length, and its "Layout of pipeline/" which module holds what.
 """
@@ -26,20 +26,21 @@ from ray.tune.search import ConcurrencyLimiter
 
 from echo.files import atomic_write
 from echo.settings import resume_free_settings
-from pipeline.checks import check_inputs, check_local_gpus, check_writable
+from pipeline.sweep.checks import check_inputs, check_local_gpus, check_writable
 from pipeline.config import Params, SweepParams, is_free
-from pipeline.experiment import (experiment_lock, experiment_uid, fingerprint, same_settings,
-                                 signed_storage, storage_uri, stored_settings, stored_uid,
-                                 verify_experiment_state)
-from pipeline.results_tracking import resolve_tracking_uri
-from pipeline.search import GridOptunaSearch, GridPointASHA, search_space
+from pipeline.sweep.experiment import (experiment_lock, experiment_uid, fingerprint, same_settings,
+                                       signed_storage, storage_uri, stored_settings, stored_uid,
+                                       verify_experiment_state)
+from pipeline.mlflow_store import resolve_tracking_uri
+from pipeline.sweep.search import GridOptunaSearch, GridPointASHA, search_space
 from pipeline.stage_files import DEFAULT_FILES, StageFiles
-from pipeline.sweep_errors import SweepError, SweepFailed, SweepInterrupted  # noqa: F401
-from pipeline.tracking import SweepTracker, store_unreachable
-from pipeline.trainable import train_trial, trial_base
-from pipeline.trials import (ARTIFACT_DIR, CSV_COLUMNS, MODEL_FILE, TrialStatus, csv_row,
-                             grid_points, member_folder, member_outcome, member_result, trial_checkpoint,
-                             trial_error_text, trial_members)
+from pipeline.sweep.errors import SweepError, SweepFailed, SweepInterrupted  # noqa: F401
+from pipeline.sweep.tracking import SweepTracker
+from pipeline.mlflow_store import store_unreachable
+from pipeline.sweep.trainable import train_trial, trial_base
+from pipeline.records import ARTIFACT_DIR, CSV_COLUMNS, MODEL_FILE, TrialStatus, trial_checkpoint
+from pipeline.sweep.trials import (csv_row, grid_points, member_folder, member_outcome,
+                                   member_result, trial_error_text, trial_members)
 
 
 def connect_ray(num_cpus: int | None = None) -> bool:
@@ -170,7 +171,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
             if previous is not None and previous != uid:
                 # The params changed and the old experiment was archived: its runs still open
                 # (a killed or interrupted driver) will never be resumed; close them.
-                tracker.close_sweep(previous)
+                tracker.runs.close_sweep(previous)
             started = connect_ray()
             return _fit_and_collect(params, root, files, experiment, storage, resumable,
                                     tracker, callbacks, verbose)
@@ -195,7 +196,7 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
     trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpu,
                                                   "gpu": sweep.resources.gpu})
     # Tune's state files in the experiment folder are signed when written and verified
-    # before they are unpickled (pipeline.experiment: the folder may be shared).
+    # before they are unpickled (pipeline.sweep.experiment: the folder may be shared).
     fs, fs_storage = signed_storage(storage, sweep.name)
     fs_experiment = f"{fs_storage.rstrip('/')}/{sweep.name}"
     if resumable and tune.Tuner.can_restore(fs_experiment, storage_filesystem=fs):
@@ -230,12 +231,13 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
         for logger in tune_loggers:
             logger.removeFilter(quiet)
     # Results a store outage held back are written first (waiting while it may come back).
-    if tracker.unreachable or not tracker.drain(wait=tracker.max_outage):
+    queue, runs = tracker.queue, tracker.runs
+    if queue.unreachable or not queue.drain(wait=queue.max_outage):
         raise SweepInterrupted(
-            f"{tracker.unreachable or 'tracking store unreachable'}; the sweep stopped with its "
+            f"{queue.unreachable or 'tracking store unreachable'}; the sweep stopped with its "
             f"trials saved: run the stage again when the store is back to resume it")
     if disk.full:
-        tracker.close_sweep(tracker.sweep_uid)
+        runs.close_sweep(runs.sweep_uid)
         raise SweepInterrupted(
             f"sweep.storage_path {storage}: no space left on device ({disk.full}); free space "
             f"there and run the stage again: the sweep resumes from its checkpoints in "
@@ -245,7 +247,7 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
     if missing:
         # The parent run and the child runs of the trials that did not finish end KILLED
         # (status tag `interrupted`); a rerun reopens them.
-        tracker.close_sweep(tracker.sweep_uid)
+        runs.close_sweep(runs.sweep_uid)
         raise SweepInterrupted(
             f"sweep {sweep.name!r} was interrupted with {missing} of {expected} trials "
             f"unfinished (nothing written to {files.sweep_csv}); run the stage again to resume "
@@ -257,8 +259,8 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
         for trial in statuses.trials:
             status, error = ended[id(trial)]
             for config in trial_members(trial.config):
-                tracker.finish_trial(config, status, error)
-        tracker.finish_sweep("FAILED")
+                runs.finish_trial(config, status, error)
+        runs.finish_sweep("FAILED")
         counts = {}
         for status, _ in ended.values():
             counts[status] = counts.get(status, 0) + 1
@@ -270,14 +272,14 @@ def _fit_and_collect(params: Params, root: Path, files: StageFiles, experiment: 
             f"fix the cause and run the stage again (failed trials are retried, changed params "
             f"start a new sweep)")
     try:
-        table = collect_results(statuses.trials, tracker, root, files)
+        table = collect_results(statuses.trials, runs, root, files)
     except OSError as err:
-        tracker.finish_sweep("FAILED")
+        runs.finish_sweep("FAILED")
         folder = (root / files.sweep_csv).parent
         raise SweepError(f"cannot write the sweep's results under {folder} "
                          f"({err.strerror or err}); make room or make it writable and run the "
                          f"stage again: the trained trials are kept and are not retrained") from None
-    tracker.finish_sweep("FINISHED")
+    runs.finish_sweep("FINISHED")
     return table
 
 
@@ -369,7 +371,7 @@ def _trial_id(trial) -> str:
     return trial.config["trial_id"]
 
 
-def collect_results(trials, tracker, root: Path, files: StageFiles = DEFAULT_FILES):
+def collect_results(trials, runs, root: Path, files: StageFiles = DEFAULT_FILES):
     """One row per trial (Tune's `Trial`s; per beta for packed trials); completed trials' final
     checkpoints copied to `files.checkpoints`, the table written to `files.sweep_csv`."""
     import pandas as pd
@@ -395,13 +397,13 @@ def collect_results(trials, tracker, root: Path, files: StageFiles = DEFAULT_FIL
                 checkpoint = trial_checkpoint(config["trial_id"], files.checkpoints).as_posix() \
                     if copied else ""
                 # Finishes the MLflow child of a trial that ended in an earlier, interrupted run.
-                tracker.finish_trial(config, status, error,
+                runs.finish_trial(config, status, error,
                                      trial.checkpoint if status == TrialStatus.COMPLETED else None,
                                      member_folder(config))
                 rows.append(csv_row(config, metrics, status, error, checkpoint))
-        runs = tracker.child_runs()
+        child_runs = runs.child_runs()
         for row in rows:
-            row["mlflow_run_id"] = runs.get(row["trial_id"], "")
+            row["mlflow_run_id"] = child_runs.get(row["trial_id"], "")
         table = pd.DataFrame(rows, columns=CSV_COLUMNS).sort_values("trial_id", ignore_index=True)
         _replace_dir(staging, target)
     finally:
@@ -424,11 +426,3 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# Tune pickles the run's callbacks, searcher and scheduler with the experiment, by module and
-# class name; experiments started before pipeline/sweep.py was split name them so: these names
-# keep them resumable. Not an API: import from pipeline.search.
-_TrialStatus = _EndedTrials
-__all__ = ["GridOptunaSearch", "GridPointASHA", "SweepError", "SweepFailed", "SweepInterrupted",
-           "collect_results", "connect_ray", "run_sweep"]

@@ -1,6 +1,6 @@
 """MLflow view of a sweep's results: the evaluate and frontier stages' numbers and files.
 
-After the sweep (pipeline.tracking), every trial has a child run with per-epoch metrics. This
+After the sweep (pipeline.sweep.tracking), every trial has a child run with per-epoch metrics. This
 module adds what the later stages compute, so that the MLflow UI shows the sweep's result:
 
 - evaluate: into each trial's child run the final test metrics `final_test_rate`,
@@ -23,19 +23,16 @@ step later, so the UI shows the newest), and an artifact is overwritten under it
 
 The files are the results; MLflow is a view of them. So a store that cannot be reached (or
 holds no such runs) never fails a stage whose files are written: `publish` prints one warning
-line and returns, and `python -m pipeline.results_tracking` logs the existing files later.
+line and returns, and `python -m pipeline.results.tracking` logs the existing files later.
 
-Deliberately independent of pipeline.tracking, which imports Ray Tune (seconds, and the sweep's
-code as DVC deps of evaluate/frontier); `resolve_tracking_uri` below is the same rule.
+Independent of the sweep's half (pipeline.sweep imports Ray Tune: seconds, and the sweep's
+code as DVC deps of evaluate/frontier): both take the store's rules from pipeline.mlflow_store.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,9 +41,11 @@ import pandas as pd
 
 from pipeline.cli import EXIT_FAILED, EXIT_OK, entry_point, error
 from pipeline.config import Params
-from pipeline.headline import pair_gaps
+from pipeline.mlflow_store import (STAGE_HTTP, first_line, resolve_tracking_uri, sqlite_path,
+                                   store_unreachable)
+from pipeline.records import NOTE_TAG, PARENT_TAG, SWEEP_UID_TAG, TrialStatus
+from pipeline.results.headline import pair_gaps
 from pipeline.stage_files import DEFAULT_FILES, WRITES, StageFiles, stage_file_names
-from pipeline.trials import TrialStatus
 
 # evaluation.csv column -> final metric of the child run; prefixed so that they never mix with
 # the per-epoch `test_*` history the sweep logs (step = epoch).
@@ -55,14 +54,8 @@ FINAL_METRICS = (("rate", "final_test_rate"), ("distortion", "final_test_distort
                  ("iwae_neg_log_lik", "final_test_iwae_neg_log_lik"))
 FINAL_PARAMS = ("rate_kind", "iwae_k")      # evaluation.csv columns that are settings
 FINAL_TAGS = ("rate_kind",)
-PARENT_TAG = "mlflow.parentRunId"
-SWEEP_UID_TAG = "echo.sweep_uid"              # the sweep's parent and child runs (pipeline.tracking)
-NOTE_TAG = "mlflow.note.content"             # a run's description (markdown) in the UI
-COMMIT_TAG = "mlflow.source.git.commit"
-COLOR_TAG = "mlflow.runColor"
 IN_WORDS = "## In words"                     # the section of table.md the description quotes
 UI_ADDRESS = "http://127.0.0.1:5000"         # `mlflow ui`'s default address
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ("evaluate", "frontier")      # the stages whose results go to MLflow
 
 
@@ -71,7 +64,7 @@ def sweep_hint(params, sweep: pd.DataFrame, root: Path | str = ".") -> str:
     without an experiment to name (a store that cannot be read), how to open the UI."""
     uri = params.tracking.uri
     try:
-        with _short_http_retries():
+        with STAGE_HTTP.applied():
             client = _client(resolve_tracking_uri(uri, Path(root).resolve()))
             runs = _existing_runs(client, list(_run_ids(sweep).values())[:1])
             experiment = next(iter(runs.values())).info.experiment_id
@@ -87,58 +80,18 @@ def stage_artifacts(stage: str, files: StageFiles = DEFAULT_FILES) -> tuple[str,
 
 EVALUATE_ARTIFACTS = stage_artifacts("evaluate")     # at their default places
 FRONTIER_ARTIFACTS = stage_artifacts("frontier")
-# A tracking server that is down: fail after seconds, not after MLflow's default 7 retries
-# with exponential backoff (minutes), unless the user set these themselves.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 class TrackingUnavailable(RuntimeError):
     """The store cannot be used for these results; the message says why."""
 
 
-def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    """The commit checked out in `root` when root is the top of a git work tree (a project
-    copied without .git, e.g. synced to a cluster, has none): each run's
-    `mlflow.source.git.commit`, so that it leads back to its code."""
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.split()
-    if out.returncode != 0 or len(lines) != 2 or \
-            Path(lines[0]).resolve() != Path(root).resolve():
-        return None
-    return lines[1]
 
-
-def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """A relative SQLite URI (`sqlite:///mlflow.db`) is taken relative to the project root, so
-    the store does not depend on the directory a stage happens to run in (the sweep creates the
-    store by this rule, evaluate and frontier find it by it)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((root / uri[len(prefix):]).resolve())
-    return uri
-
-
-@contextlib.contextmanager
-def _short_http_retries():
-    saved = {k: os.environ.get(k) for k in HTTP_DEFAULTS}
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
 
 
 def _client(uri: str):
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        db = Path(uri[len(prefix):].split("?", 1)[0])
+    db = sqlite_path(uri)
+    if db is not None:
         if not db.exists():
             # Opening it would create an empty store that holds none of the sweep's runs.
             raise TrackingUnavailable(f"{db}: no such MLflow store (the sweep stage creates it)")
@@ -237,7 +190,7 @@ def log_final_metrics(client, evaluation: pd.DataFrame, sweep: pd.DataFrame) -> 
 
 
 def log_parent_metrics(client, parents: list[str], summary: dict) -> int:
-    """The sweep's headline numbers (pipeline.headline: `neg_elbo.<method>`,
+    """The sweep's headline numbers (pipeline.results.headline: `neg_elbo.<method>`,
     `D_gap.<a>_vs_<b>`, ...) as the parent runs' metrics, each value once. Returns how many
     names it holds."""
     values = {str(k): float(v) for k, v in summary.items()
@@ -251,7 +204,7 @@ def log_parent_metrics(client, parents: list[str], summary: dict) -> int:
 
 
 def in_words(table_md: str) -> str:
-    """The "In words" section of results/table.md (pipeline.report), without its heading."""
+    """The "In words" section of results/table.md (pipeline.results.report), without its heading."""
     lines = table_md.splitlines()
     if IN_WORDS not in lines:
         return ""
@@ -409,17 +362,17 @@ def publish(stage: str, params, root: Path | str = ".",
     root = Path(root)
     uri = resolve_tracking_uri(params.tracking.uri, root.resolve())
     try:
-        with _short_http_retries():
+        with STAGE_HTTP.applied():
             line, problem = _publish(stage, uri, root, files, params.tracking.uri)
     except Exception as err:          # noqa: BLE001 -- the files are the results; see above
-        line, problem = "", str(err).strip() or type(err).__name__
+        # not urllib3's page of retry details for a server that is down
+        line, problem = "", ("the server does not answer" if store_unreachable(err)
+                             else first_line(err, 300))
     if problem:
         reason = problem.splitlines()[0]
-        if "Max retries exceeded" in reason or "Connection refused" in reason:
-            reason = "the server does not answer"       # not urllib3's page of retry details
         print(f"warning: MLflow ({uri}) not (fully) updated with the {stage} results: "
               f"{reason[:300]}; the files are complete (log them later with "
-              f"`python -m pipeline.results_tracking`)", file=sys.stderr)
+              f"`python -m pipeline.results.tracking`)", file=sys.stderr)
         return False
     print(line)
     return True
@@ -441,7 +394,7 @@ def _publish(stage: str, uri: str, root: Path, files: StageFiles,
         done = f"final test metrics of {logged} trials -> their child runs; "
         if missing:
             problem = f"{missing} evaluated trial(s) have no child run in this store"
-        # metrics.json's numbers and every pair's curve gaps (pipeline.headline)
+        # metrics.json's numbers and every pair's curve gaps (pipeline.results.headline)
         summary = json.loads((root / files.metrics_json).read_text()) \
             if (root / files.metrics_json).is_file() else {}
         if (root / files.comparison_csv).is_file():
@@ -462,7 +415,7 @@ def _publish(stage: str, uri: str, root: Path, files: StageFiles,
 MAIN_DOC = "Log the evaluate and frontier results already on disk (after the store was down)."
 
 
-@entry_point("python -m pipeline.results_tracking", MAIN_DOC,
+@entry_point("python -m pipeline.results.tracking", MAIN_DOC,
              files=stage_file_names(*PUBLISHED))
 def main(params: Params, files: StageFiles, args: argparse.Namespace) -> int:
     for stage, needed in (("evaluate", files.evaluation_csv), ("frontier", files.frontier_csv)):

@@ -3,7 +3,7 @@ sweep's parent run's metrics):
 
 - `neg_elbo.<method>`: the best test -ELBO at beta = 1 (mean over seeds), nats;
 - `D_gap.<a>_vs_<b>`: mean distortion of a's R-D curve minus b's at equal rate, nats
-  (negative: a is better; pipeline.comparison), `R_gap.<a>_vs_<b>`: the rate gap at equal
+  (negative: a is better; pipeline.results.comparison), `R_gap.<a>_vs_<b>`: the rate gap at equal
   distortion.
 
 metrics.json keeps it short, so that `dvc metrics show` fits a terminal: every method's
@@ -29,7 +29,7 @@ def _short(value) -> float:
 
 
 def best_neg_elbo(best: pd.DataFrame) -> dict[str, float]:
-    """`neg_elbo.<method>` from pipeline.aggregate.best_at_beta's table (method index)."""
+    """`neg_elbo.<method>` from pipeline.results.aggregate.best_at_beta's table (method index)."""
     return {f"neg_elbo.{_key(method)}": _short(row["neg_elbo"]) for method, row in best.iterrows()
             if math.isfinite(float(row["neg_elbo"]))}
 

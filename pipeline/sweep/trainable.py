@@ -7,7 +7,7 @@ and resumption; and the trial config they are given (`trial_base` + a grid point
   resumes from the newest intact checkpoint it finds. A NaN/inf loss ends the trial with status
   "nonfinite"; other exceptions crash it and Tune retries it (`FailureConfig`).
 - `train_packed_trial` (`sweep.pack_betas`): all betas of one (method, arch, latent_dim,
-  sample) as one ensemble run; `pipeline.trials.trial_members` splits it into per-beta trials.
+  sample) as one ensemble run; `pipeline.sweep.trials.trial_members` splits it into per-beta trials.
 
 Trial workers import this module: MLflow, pandas and Optuna (seconds of imports per worker)
 are not imported here.
@@ -24,8 +24,8 @@ from ray import tune
 from echo.train import (NonFiniteLossError, TrainConfig, fit, load_checkpoint, load_model,
                         load_train_test, save_checkpoint)
 from pipeline.config import Params
-from pipeline.trials import (MODEL_FILE, RECONSTRUCTIONS_FILE, REPORTED_METRICS, TrialStatus,
-                             member_folder, train_config, trial_members)
+from pipeline.records import MODEL_FILE, RECONSTRUCTIONS_FILE, REPORTED_METRICS, TrialStatus
+from pipeline.sweep.trials import member_folder, train_config, trial_members
 
 RECON_COUNT = 8                    # test images in the reconstruction grid
 

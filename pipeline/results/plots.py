@@ -6,7 +6,7 @@
   lower-convex-hull points filled; the legend says how each method's rate was obtained; dotted
   iso-lines R + D = const (equal -ELBO); Echo's low-rate limit -d_z log r (Sec. 5) dashed;
   where the data set's rate-distortion function is known (`truth`, an echo.known_answer.RDCurve:
-  pipeline.known_answer.true_curve), that curve D(R) as a black dashed line, which no
+  pipeline.results.known_answer.true_curve), that curve D(R) as a black dashed line, which no
   achievable point lies below.
 - `reconstructions`: test images and the frontier models' reconstructions at the lowest, a
   middle and the highest rate of each method, each the mean of `samples` decoder outputs over
@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from echo.files import atomic_write  # noqa: E402
 from echo.train import load_model  # noqa: E402
-from pipeline.aggregate import seed_points, seed_trials  # noqa: E402
+from pipeline.results.aggregate import seed_points, seed_trials  # noqa: E402
 from pipeline.colors import method_color  # noqa: E402
-from pipeline.report import rate_kind_label  # noqa: E402
+from pipeline.results.report import rate_kind_label  # noqa: E402
 
 RECON_IMAGES = 8                # test images per row of reconstructions.png
 LEVELS = ("low", "middle", "high")

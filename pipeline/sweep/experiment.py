@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from echo.files import file_digest
 from echo.methods import METHODS, method_options
 from pipeline.config import DataParams, Params, SweepParams, TrainParams, is_free
-from pipeline.sweep_errors import SweepError, SweepLocked, unwritable
+from pipeline.sweep.errors import SweepError, SweepLocked, unwritable
 
 STATE_FILE = "echo_sweep.json"     # beside Ray's state in <storage>/<name>: uid + settings
 
@@ -168,7 +168,7 @@ def experiment_lock(storage: str, name: str):
         raise SweepLocked(f"sweep {name!r} is already running in another driver ({who}); wait "
                           f"for it to end (or stop it) and run the stage again") from None
     except OSError as err:
-        # Taken before the output probes (pipeline.checks.check_writable): a read-only or full
+        # Taken before the output probes (pipeline.sweep.checks.check_writable): a read-only or full
         # storage folder is refused here, in the probes' words.
         raise unwritable("sweep.storage_path", folder, err) from None
     try:
@@ -471,7 +471,7 @@ def verify_experiment_state(experiment: str) -> None:
             raise SweepError(
                 f"{err}; nothing was loaded from it (Tune would unpickle it, which can run "
                 f"code). If this folder is yours and was written before state signing, sign it "
-                f"with `python -m pipeline.experiment sign {experiment}`; otherwise move the "
+                f"with `python -m pipeline.sweep.experiment sign {experiment}`; otherwise move the "
                 f"folder away and run the stage again (a new sweep starts)") from None
 
 
@@ -500,6 +500,6 @@ def sign_experiment(experiment: str) -> list[str]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "sign":
-        sys.exit("usage: python -m pipeline.experiment sign <storage_path>/<sweep.name>")
+        sys.exit("usage: python -m pipeline.sweep.experiment sign <storage_path>/<sweep.name>")
     names = sign_experiment(sys.argv[2])
     print(f"signed {len(names)} state file(s) of {sys.argv[2]}: {', '.join(names) or '-'}")
