@@ -270,13 +270,20 @@ def state_key(path: Path | None = None) -> bytes:
                 raise ValueError("too short")
             return key
         except FileNotFoundError:
+            # Written whole under a name of its own, then linked into place: a driver starting
+            # at the same moment reads either no key or the whole key, never an empty file.
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue                   # another driver created it: read it
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32) + "\n")
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                with contextlib.suppress(FileExistsError):     # another driver's came first
+                    os.link(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         except ValueError:
             raise SweepError(f"{path}: not a state signing key (64 hex digits); remove it (a new "
                              f"key is made, and experiments signed with the old one no longer "
