@@ -130,10 +130,17 @@ def check_tracking_store(params: Params, root: Path) -> None:
         raise SweepError(f"tracking.uri: {db} is damaged ({err}); {fix}") from None
 
 
+def ray_cluster_address() -> str | None:
+    """The cluster the sweep joins: $RAY_ADDRESS, None when unset, empty or `local` (Ray's word
+    for "start a new local Ray", which the tests use so as never to join another one)."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
 def check_device(params: Params) -> None:
     """`train.device` must exist on this machine when the trials run here. On a cluster
     ($RAY_ADDRESS) they run on its nodes, which the driver cannot look into: not checked."""
-    if os.environ.get("RAY_ADDRESS"):
+    if ray_cluster_address():
         return
     from echo.train import device_problem
     problem = device_problem(params.train.device)

@@ -26,7 +26,8 @@ from ray.tune.search import ConcurrencyLimiter
 
 from echo.files import atomic_write
 from echo.settings import resume_free_settings
-from pipeline.sweep.checks import check_inputs, check_local_gpus, check_writable
+from pipeline.sweep.checks import (check_inputs, check_local_gpus, check_writable,
+                                   ray_cluster_address)
 from pipeline.config import Params, SweepParams, is_free
 from pipeline.sweep.experiment import (experiment_lock, experiment_uid, fingerprint, same_settings,
                                        signed_storage, storage_uri, stored_settings, stored_uid,
@@ -45,15 +46,18 @@ from pipeline.sweep.trials import (csv_row, grid_points, member_folder, member_o
 
 def connect_ray(num_cpus: int | None = None) -> bool:
     """Join the cluster at $RAY_ADDRESS, else start Ray on this machine (with `num_cpus`
-    logical CPUs, default all); True if this call started it."""
+    logical CPUs, default all); True if this call started it. Without $RAY_ADDRESS, Ray joins
+    the cluster started on this node by `ray start` / `ray up`, if any; `RAY_ADDRESS=local`
+    always starts a new one (the tests set it: two test workers never join each other's)."""
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = ray_cluster_address()
     # Local workers import `echo` / `pipeline` from this checkout; cluster nodes run the image.
-    code = str(Path(__file__).resolve().parents[1])
+    code = str(Path(__file__).resolve().parents[2])          # the checkout (pipeline/sweep/..)
     path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": path}}
-    ray.init(address=address, num_cpus=None if address else num_cpus,
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
+             num_cpus=None if address else num_cpus,
              runtime_env=runtime_env, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     return True
@@ -146,7 +150,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
     sweep = params.sweep
     storage = storage_uri(params, root)
     experiment = f"{storage}/{sweep.name}"
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() and not ray_cluster_address():
         check_local_gpus(params)            # before Ray starts: seconds, not a hang
     with experiment_lock(storage, sweep.name):
         check_writable(params, root, files)
