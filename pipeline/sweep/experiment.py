@@ -159,12 +159,7 @@ def experiment_lock(storage: str, name: str):
         folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
-        try:
-            held = json.loads(owner.read_text())
-            who = (f"pid {held['pid']} on {held['host']}, since {held['started']}: "
-                   f"{held['command']}")
-        except (OSError, ValueError, KeyError):
-            who = f"holding {folder / f'.{name}.lock'}"
+        who = lock_owner(owner) or f"holding {folder / f'.{name}.lock'}"
         raise SweepLocked(f"sweep {name!r} is already running in another driver ({who}); wait "
                           f"for it to end (or stop it) and run the stage again") from None
     except OSError as err:
@@ -185,6 +180,38 @@ def experiment_lock(storage: str, name: str):
     finally:
         lock.release()
 
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                        # someone else's process, but alive
+    return True
+
+
+def lock_owner(owner: Path, wait: float = 5.0) -> str | None:
+    """Who holds an experiment lock, from its owner file: "pid P on HOST, since T: COMMAND".
+    The holder writes the file just after it took the lock, so a driver refused in between
+    finds none yet (or a dead driver's): it waits up to `wait` seconds for the file to name a
+    live process other than itself (on this host; another host's pid cannot be checked).
+    None if none appears."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            held = json.loads(owner.read_text())
+            pid = int(held["pid"])
+            here = held["host"] == socket.gethostname()
+            if not here or (pid != os.getpid() and _alive(pid)):
+                return (f"pid {held['pid']} on {held['host']}, since {held['started']}: "
+                        f"{held['command']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def _stored(experiment: str, key: str):
