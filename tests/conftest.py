@@ -1,3 +1,16 @@
+"""Fixtures every test module may use, and how the suite runs in two pytest-xdist workers.
+
+The README's command runs the suite in two workers (`-n 2 --dist loadgroup`). Each worker:
+- has its own sweep-state signing key (ECHO_STATE_KEY_FILE) and starts its own local Ray
+  (RAY_ADDRESS=local: never the other worker's, nor one recorded in /tmp/ray);
+- runs torch on one intra-op thread (OMP_NUM_THREADS=1 for what it starts): two workers share
+  the machine's cores;
+- is handed the slowest tests first (support.slow), so that the longest ones run side by side
+  at the start instead of one after the other at the end. Tests whose module builds something
+  expensive once (a trained model, a whole sweep) carry `xdist_group` marks: one worker runs
+  them all and builds it once.
+Shared helpers live in tests/support/; test modules never import each other.
+"""
 import functools
 import http.server
 import os
@@ -6,7 +19,38 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from support import slow
+from support.params import REPO
+
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # Before torch is imported anywhere in this worker: its OpenMP pool is sized at import.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    if XDIST_WORKER:
+        import torch
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker: the slowest work first (support.slow). A group (`xdist_group`) is
+    one unit of work, run by one worker, its tests kept together in their module's order."""
+    if XDIST_WORKER:
+        items[:] = slow.slowest_first(items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_worker(tmp_path_factory):
+    """What two workers (or a developer's own sweeps) must not share: the key that signs sweep
+    state (its own file per session, also for the drivers tests start), and a Ray instance
+    (RAY_ADDRESS=local: ray.init starts a new local Ray, never joining another)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ECHO_STATE_KEY_FILE", str(tmp_path_factory.getbasetemp() / "state.key"))
+        if not os.environ.get("RAY_ADDRESS"):
+            mp.setenv("RAY_ADDRESS", "local")
+        yield
 
 
 def find_mnist_dir() -> Path | None:
@@ -36,12 +80,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def snapshot(folder: Path) -> set[str]:
-    """Every path below `folder`, relative: compared before and after, it shows that a refused
-    input left nothing behind."""
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 @pytest.fixture

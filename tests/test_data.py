@@ -13,8 +13,8 @@ import torch
 
 from echo import data
 from echo.data import DataError, load_dataset, load_splits, read_amat, read_idx
-from fixtures_data import (amat_text, column_major, fake_mnist, idx_bytes, write_amat_dir,
-                           write_chardata, write_idx, write_mnist_dir)
+from support.data_files import (amat_text, column_major, fake_mnist, idx_bytes, write_amat_dir,
+                                write_chardata, write_idx, write_mnist_dir)
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -152,3 +152,18 @@ def test_lock_is_closed_under_its_packages_requirements():
     if os.environ.get("ECHO_CI"):
         assert not unchecked, f"CI did not install the lock's versions of {sorted(unchecked)}"
     assert len(seen) > 50                                          # the walk did reach the lock
+
+
+def test_ci_runs_the_readmes_test_command_in_two_workers():
+    """`.ci/run` ends with the README's test command, character for character, and that command
+    runs the suite in two pytest-xdist workers (installed from the lock: the [test] extra)."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^pip install -e \"\.\[test\]\" && (python3 -m pytest[^\n]*)$", readme,
+                          re.M)
+    assert len(commands) == 1, commands
+    last = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert last == commands[0]
+    assert "-n 2" in last and "--dist loadgroup" in last
+    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["test"]
+    assert any(canonicalize_name(Requirement(r).name) == "pytest-xdist" for r in test_extra)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from system_tools import CI_ENV, require_tool
+from support.system_tools import CI_ENV, require_tool
 
 MISSING = "echo-rd-no-such-program"
 

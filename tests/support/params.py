@@ -1,0 +1,62 @@
+"""The repository, tiny settings for a pipeline run, and the stage commands.
+
+`tiny_params` is the one builder of the small settings the pipeline tests run with (digits, a
+few hundred images, 4 latents, the MLP, two epochs): each test states only what it changes.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# `python -m stages.sweep` as DVC runs it, quietly (Tune's progress tables off).
+SWEEP = [sys.executable, "-m", "stages.sweep", "--params", "params.yaml", "--verbose", "0"]
+
+BASE = {
+    "data": {"dataset": "digits"},
+    "train": {"epochs": 2, "batch_size": 50, "lr": 3e-3, "device": "cpu"},
+    "sweep": {"methods": ["vae"], "betas": [0.5, 1.0], "archs": ["mlp"], "latent_dims": [4],
+              "train_limit": 200, "test_limit": 100, "max_concurrent": 2},
+    "tracking": {"uri": "sqlite:///mlflow.db"},
+    "evaluate": {"iwae_k": 4, "batch_size": 50, "test_limit": 100},
+    "frontier": {"recon_samples": 2},
+}
+# A checkpoint after every epoch, with no minimum interval: what the resume tests need.
+EVERY_EPOCH = {"checkpoint_every": 1, "checkpoint_min_interval_s": 0}
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied: dicts merge key by key, None removes a key, any other
+    value replaces."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tiny_params(name: str = "tiny", **sections) -> dict:
+    """Raw params.yaml content: BASE with `sections` merged in (`train={"epochs": 6}`,
+    `sweep={...}`, `tracking=None` to leave a section out). The sweep and the MLflow experiment
+    are named `name`, unless `sections` says otherwise."""
+    raw = merged(BASE, {"sweep": {"name": name}, "tracking": {"experiment": name}})
+    return merged(raw, sections)
+
+
+def write_params(root: Path, raw: dict, name: str = "params.yaml") -> Path:
+    path = Path(root) / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def as_params(raw: dict):
+    """The validated `pipeline.config.Params` of raw settings."""
+    from pipeline.config import Params
+    return Params.model_validate(raw)

@@ -1,0 +1,55 @@
+"""The known-slow tests, so that two xdist workers start them first (tests/conftest.py).
+
+Seconds a test took in one worker on a quiet 2-core machine (the CI run of the whole suite, and
+targeted runs scaled to it). Only the order matters: a wrong figure costs some time, never a
+result. A test missing here counts as DEFAULT. Refresh from `--durations=40` output.
+"""
+from __future__ import annotations
+
+DEFAULT = 0.5
+
+SECONDS = {
+    "tests/test_fidelity.py::test_paper_conv_models_learn_at_the_paper_learning_rate[echo-3]": 99,
+    "tests/test_dvc_queue.py::test_two_queued_experiments_keep_their_mlflow_runs_and_ray_results_apart": 89,
+    "tests/test_reliability2.py::test_tracking_server_outage_is_bridged_or_ends_in_one_line": 77,
+    "tests/test_dvc.py::test_dvc_repro_end_to_end": 76,
+    "tests/test_fidelity.py::test_paper_conv_models_learn_at_the_paper_learning_rate[vae-2]": 64,
+    "tests/test_cluster.py::test_ray_up_submit_down_on_an_onprem_cluster_over_ssh": 45,
+    "tests/test_reliability3.py::test_interrupt_after_every_trial_started_is_not_reported_complete": 40,
+    "tests/test_reliability3.py::test_storage_that_fills_during_the_sweep_ends_in_one_line_and_resumes": 37,
+    "tests/test_faults.py::test_killed_driver_resumes_without_retraining_or_duplicate_runs": 36,
+    "tests/test_sweep.py::test_eight_concurrent_trials_share_one_sqlite_store": 34,
+    "tests/test_reliability2.py::test_second_driver_refuses_naming_the_running_one": 31,
+    "tests/test_fidelity_resume.py::test_a_stopped_run_resumes_to_the_uninterrupted_result_and_a_finished_one_is_skipped": 29,
+    "tests/test_reliability2.py::test_resume_applies_new_knobs_and_completes_runs_in_a_new_store": 27,
+    "tests/test_mlflow_ui.py::test_from_the_printed_link_the_ui_compares_every_trial_and_shows_the_answer": 27,
+    "tests/test_fidelity.py::test_every_table2_method_learns_at_mlp_scale[iaf-maf]": 21,
+}
+
+
+def base_id(nodeid: str) -> str:
+    """A node id without the `@group` suffix that xdist's loadgroup adds."""
+    head, at, group = nodeid.rpartition("@")
+    return head if at and "]" not in group and "::" not in group else nodeid
+
+
+def group_of(item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return None
+    return mark.args[0] if mark.args else mark.kwargs.get("name")
+
+
+def slowest_first(items: list) -> list:
+    """The items reordered: units of work (a test, or every test of one xdist_group) by their
+    known seconds, slowest first; ties (the many fast tests) in collection order, so a module's
+    tests stay together and its module fixtures are built once per worker."""
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(group_of(item) or item.nodeid, []).append(item)
+    cost = {unit: sum(SECONDS.get(base_id(i.nodeid), DEFAULT) for i in members)
+            for unit, members in units.items()}
+    first_seen = {unit: n for n, unit in enumerate(units)}
+    order = sorted(units, key=lambda unit: (-cost[unit] if cost[unit] >= 5 else 0,
+                                            first_seen[unit]))
+    return [item for unit in order for item in units[unit]]
