@@ -10,24 +10,21 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import cluster_auth
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+from support.processes import free_ports, kill_tree, naming, serve, stop
 YAMLS = ("cluster.yaml", "cluster-onprem.yaml")
 TOKEN_MOUNT_SOURCE = cluster_auth.RAY_TOKEN
 
@@ -49,12 +46,6 @@ def _token_target(name: str) -> str:
     mounts = {t: s for t, s in _load(name)["file_mounts"].items() if s == TOKEN_MOUNT_SOURCE}
     assert len(mounts) == 1, f"{name} does not mount {TOKEN_MOUNT_SOURCE} onto the nodes"
     return next(iter(mounts))
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PROBE = """
@@ -83,16 +74,22 @@ def _gcs_probes(address: str, secret: str, home: Path) -> dict[str, subprocess.P
 
 
 def _head_command(name: str, port: int, temp_dir: Path) -> str:
-    """The YAML's head start command as the launcher runs it, on a free port and a private
+    """The YAML's head start command as the launcher runs it, on free ports and a private
     temp dir, in the foreground (`--block`); `ray stop` (which would stop every Ray on this
-    machine) is left out."""
+    machine) is left out. Every port a head listens on by default at a fixed number is moved
+    to a free one (the GCS, the object manager cluster.yaml pins, the dashboard and its agent):
+    another head may run on this machine (the other test worker's). (Ray's client server, on
+    10001, needs ray[client], which the project does not install: it is not started.)"""
     commands = [c for c in _load(name)["head_start_ray_commands"] if c.strip() != "ray stop"]
     assert len(commands) == 1 and "ray start --head" in commands[0], commands
     command = commands[0].replace("--port=6379", f"--port={port}")
     assert f"--port={port}" in command
+    objects, dashboard, agent = free_ports(3)
+    command = re.sub(r"--object-manager-port=\d+", f"--object-manager-port={objects}", command)
     command = re.sub(r"--autoscaling-config=\S+", "", command)      # only on a launched head
     command = re.sub(r"ulimit -n \d+;\s*", "", command)             # may exceed this machine's
     return (f"{command} --temp-dir={shlex.quote(str(temp_dir))} --num-cpus=0 "
+            f"--dashboard-port={dashboard} --dashboard-agent-listen-port={agent} "
             f"--disable-usage-stats --block")
 
 
@@ -114,22 +111,23 @@ def test_yaml_head_refuses_clients_without_the_token(name, tmp_path):
     shutil.copy(made, token)
     secret = token.read_text().strip()
 
-    port = _free_port()
-    temp_dir = Path(f"/tmp/rs{os.getpid()}{port}")                # short: socket path limits
+    # Short (Unix socket paths are limited) and this test's own: its processes are found by it.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(["bash", "-c", _head_command(name, port, temp_dir)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "head.log"
+    heads: list[subprocess.Popen] = []
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log_path, "ab") as log:
+            heads.append(subprocess.Popen(
+                ["bash", "-c", _head_command(name, port, temp_dir / str(len(heads)))], env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return heads[-1]
+
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            assert time.monotonic() < deadline, "the head's GCS did not listen"
-            time.sleep(0.5)
+        head, port = serve(start, log_path, what="the head's GCS", timeout=240)
         probes = _gcs_probes(f"127.0.0.1:{port}", secret, tmp_path / "client")
         answers = {case: p.communicate(timeout=240)[0].strip() for case, p in probes.items()}
         assert head.poll() is None, "the head ended during the probes (a loaded machine)"
@@ -137,16 +135,11 @@ def test_yaml_head_refuses_clients_without_the_token(name, tmp_path):
         assert answers["none"].startswith("REFUSED"), answers
         assert answers["other"].startswith("REFUSED"), answers
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
-        # Ray's daemons left the group: they name the private temp dir on their command line.
-        import psutil
-        for proc in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error, TypeError):
-                if str(temp_dir) in " ".join(proc.info["cmdline"] or ()):
-                    proc.kill()
-        log.close()
+        for head in heads:
+            stop(head)
+        # Ray's daemons left the group: they name this test's private temp dir on their command
+        # line (matched as a whole path: another test's Ray is never touched).
+        kill_tree(naming(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -181,7 +174,7 @@ def _run_auth(home: Path) -> subprocess.CompletedProcess:
 
 def test_cluster_auth_makes_a_dedicated_key_and_token_once_and_refuses_bad_ones(tmp_path):
     if shutil.which("ssh-keygen") is None:
-        from system_tools import require_tool
+        from support.system_tools import require_tool
         require_tool("ssh-keygen", "openssh-client")
     home = tmp_path / "home"
     # The user's own key, which must never serve as the cluster's.
