@@ -21,7 +21,7 @@ import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel
 
-from conftest import snapshot
+from support import snapshot
 from echo.train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoint
 from pipeline.config import Params
 
@@ -269,6 +269,7 @@ def _damage(kind: str, good: bytes) -> bytes:
             "text": b"this is not a checkpoint\n"}[kind]
 
 
+@pytest.mark.xdist_group("good_checkpoint")      # the module's checkpoint, written once
 @pytest.mark.parametrize("kind", ["truncated", "empty", "random_bytes", "zeroed_middle", "text"])
 @pytest.mark.parametrize("loader", [load_checkpoint, load_model], ids=["load_checkpoint",
                                                                        "load_model"])
@@ -299,6 +300,7 @@ class _RunsCode:
         return builtins.open, (self.marker, "w")
 
 
+@pytest.mark.xdist_group("good_checkpoint")
 @pytest.mark.parametrize("loader", [load_checkpoint, load_model], ids=["load_checkpoint",
                                                                        "load_model"])
 def test_checkpoint_with_a_pickled_object_is_refused(good_checkpoint, tmp_path, loader):
@@ -341,6 +343,7 @@ def test_every_torch_load_in_the_project_is_weights_only():
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
 
 
+@pytest.mark.xdist_group("good_checkpoint")
 def test_checkpoint_save_is_atomic_when_interrupted(good_checkpoint, tmp_path, monkeypatch):
     """A crash while writing a checkpoint leaves the previous one intact (write tmp, replace)."""
     target = tmp_path / "checkpoint.pt"

@@ -31,3 +31,10 @@ def test_an_unknown_figure_is_refused_by_name():
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "images_per_sec"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "images_per_sec" in done.stderr
+
+
+def test_method_steps_times_every_registered_method_by_default():
+    from benchmarks.method_steps import registered_methods
+    from echo import METHODS
+    methods = registered_methods()
+    assert methods[0] == "vae" and sorted(methods) == sorted(METHODS)

@@ -2,7 +2,6 @@
 real training on MNIST (MLP and conv), the IWAE bound, and the CLI."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +16,40 @@ from echo.marginals import StandardNormal, VampPrior, gaussian_kl_standard_norma
 from echo.regularizers import MMDPenalty, mmd
 from echo.train import TrainConfig, fit, main
 
-REPO = Path(__file__).resolve().parents[1]
+from echo.methods import method_options
+from pipeline.results.paper import PAPER_TABLE_2
+from support import REPO
 
-TABLE_2 = ("vae", "infovae", "vae-vamp", "vae-maf", "iaf-prior", "iaf-mmd", "iaf-vamp", "iaf-maf",
-           "echo")
-DENSITY_METHODS = tuple(m for m in TABLE_2 if m != "echo")
-# Small flows and few pseudo-inputs keep the tests inside their time budget; the paper's sizes
-# are checked by test_paper_defaults.
-SMALL = {"vae-vamp": {"n_pseudo": 50}, "iaf-vamp": {"n_pseudo": 50, "flow_hidden": 64},
-         "vae-maf": {"flow_hidden": 64}, "iaf-prior": {"flow_hidden": 64},
-         "iaf-mmd": {"flow_hidden": 64}, "iaf-maf": {"flow_hidden": 64}}
+# Every registered method: one registered in echo/methods/ is tested here without an edit.
+ALL_METHODS = tuple(sorted(METHODS))
+
+
+def _has_density(method: str) -> bool:
+    """Whether the method's marginal is a density (what its model says, on a 2-latent model)."""
+    return build_model(method, arch="mlp", latent_dim=2,
+                       training=TrainConfig(method=method)).has_density
+
+
+DENSITY_METHODS = tuple(m for m in ALL_METHODS if _has_density(m))
+
+
+def small_options(method: str) -> dict:
+    """Small flows and few pseudo-inputs keep the tests inside their time budget, for every
+    method that has such options; the paper's sizes are checked by test_paper_defaults."""
+    options = method_options(method)
+    return ({"n_pseudo": 50} if "n_pseudo" in options else {}) | \
+        ({"flow_hidden": 64} if "flow_hidden" in options else {})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
-
 def test_all_nine_methods_of_table_2_are_registered():
-    assert set(TABLE_2) <= set(METHODS)
+    """The paper's nine (Table 2) are registered; the tests below take every registered one."""
+    assert set(PAPER_TABLE_2["binary_mnist"]) <= set(METHODS)
+    assert len(PAPER_TABLE_2["binary_mnist"]) == 9
+    # Only Echo's marginal has no density (its rate is exact instead).
+    assert set(ALL_METHODS) - set(DENSITY_METHODS) == {"echo"}
 
 
 def test_paper_defaults():
@@ -129,7 +144,7 @@ def test_vamp_prior_log_density_is_the_mixture_by_hand(monkeypatch):
 
 # ---------------------------------------------------------------- real training on MNIST
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")      # session: a worker running these tests apart builds it once
 def mnist_small(mnist_dir, tmp_path_factory):
     """1000 training and 200 test images of statically binarized MNIST, as a prepared .npz."""
     x_train, y_train = load_dataset("binary_mnist", "train", mnist_dir)
@@ -149,12 +164,13 @@ def train_mlp(method: str, prepared) -> object:
         config = TrainConfig(method=method, dataset="binary_mnist", prepared=str(prepared),
                              arch="mlp", epochs=10, batch_size=50, lr=1e-3, train_limit=500,
                              test_limit=200, seed=0, device="cpu", progress=False,
-                             method_options=SMALL.get(method, {}))
+                             method_options=small_options(method))
         _TRAINED[method] = fit(config)
     return _TRAINED[method]
 
 
-@pytest.mark.parametrize("method", TABLE_2)
+@pytest.mark.xdist_group("methods_mnist")       # the models train_mlp trains, once
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_trains_on_mnist_mlp(method, mnist_small):
     history = train_mlp(method, mnist_small).history
     assert len(history) == 10
@@ -167,15 +183,14 @@ def test_every_method_trains_on_mnist_mlp(method, mnist_small):
     assert last["test_neg_elbo"] == pytest.approx(last["test_rate"] + last["test_distortion"])
 
 
-@pytest.mark.parametrize("method", TABLE_2)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_trains_with_the_paper_conv_network(method, mnist_small):
     """The paper's conv network with the paper's flow sizes: a few steps on one small batch."""
     torch.manual_seed(0)
     x = torch.from_numpy(np.load(mnist_small)["train_x"][:10])
-    options = {"n_pseudo": 5} if method.endswith("vamp") else {}
-    if method == "echo":
-        options = {"batch_size": len(x)}
-    model = build_model(method, arch="conv", **options)
+    options = {"n_pseudo": 5} if "n_pseudo" in method_options(method) else {}
+    model = build_model(method, arch="conv", training=TrainConfig(method=method,
+                                                                  batch_size=len(x)), **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(6):
@@ -189,6 +204,7 @@ def test_every_method_trains_with_the_paper_conv_network(method, mnist_small):
     assert np.mean(losses[-3:]) < losses[0] - 20
 
 
+@pytest.mark.xdist_group("methods_mnist")
 @pytest.mark.parametrize("method", DENSITY_METHODS)
 def test_iwae_bound_is_above_the_elbo_and_tightens_with_k(method, mnist_small):
     model = train_mlp(method, mnist_small).model.eval()
@@ -212,12 +228,12 @@ def test_echo_has_no_iwae_bound(mnist_small):
         model.iwae_bound(torch.from_numpy(np.load(mnist_small)["test_x"][:20]), k=2)
 
 
-@pytest.mark.parametrize("method", TABLE_2)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_cli_trains_every_method(method, capsys):
     argv = ["--method", method, "--dataset", "digits", "--arch", "mlp", "--epochs", "1",
             "--batch-size", "50", "--train-limit", "100", "--test-limit", "50", "--device", "cpu",
             "--no-progress"]
-    for key, value in SMALL.get(method, {}).items():
+    for key, value in small_options(method).items():
         argv += ["--option", f"{key}={json.dumps(value)}"]
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
