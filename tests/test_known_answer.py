@@ -15,6 +15,7 @@ from echo.known_answer import (RDCurve, check_model, check_points, dataset_curve
 from echo.methods import METHODS
 from echo.networks import Bernoulli, Gaussian, gaussian_nll, make_likelihood
 from echo.train import TrainConfig, fit, load_model, main
+from support.params import tiny_params, write_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,16 +280,14 @@ def test_the_sweep_refuses_real_valued_data_under_a_bernoulli_decoder(
     from pipeline.config import Params
     from pipeline.stage_files import DEFAULT_FILES
     from stages.sweep import main as sweep_main
-    train = {"epochs": 1, "batch_size": 50} | ({"likelihood": likelihood} if likelihood else {})
-    settings = {"data": {"dataset": dataset}, "train": train,
-                "sweep": {"name": "decoder", "methods": ["vae"], "betas": [1.0],
-                          "latent_dims": [4], "archs": ["mlp"], "train_limit": 100}}
+    settings = tiny_params("decoder", run=False, data={"dataset": dataset},
+                           train={"epochs": 1} | ({"likelihood": likelihood} if likelihood else {}),
+                           sweep={"betas": [1.0], "train_limit": 100})
     monkeypatch.chdir(tmp_path)
     if not refused:
         check_inputs(Params.model_validate(settings), tmp_path, DEFAULT_FILES)
         return
-    import yaml
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    write_params(tmp_path, settings)
     assert sweep_main(["--params", "params.yaml"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "data.dataset='gaussian_source'" in line and "outside [0, 1]" in line

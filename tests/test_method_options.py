@@ -17,15 +17,13 @@ from pipeline.sweep.search import search_space
 from pipeline.sweep.trainable import train_config
 from pipeline.records import OPTION_COLUMNS, SETTING_COLUMNS
 from pipeline.sweep.trials import csv_row, grid_points
+from support.params import as_params, tiny_params
 
 
 def params(**raw) -> Params:
-    return Params.model_validate({
-        "data": {"dataset": "digits"},
-        "train": {"epochs": 1, "batch_size": 50},
-        "sweep": {"name": "opts", "methods": ["echo", "vae-vamp", "vae"], "betas": [1.0],
-                  "archs": ["mlp"], "latent_dims": [4], **raw.pop("sweep", {})},
-        **raw})
+    return as_params(tiny_params("opts", run=False, **{
+        **raw, "train": {"epochs": 1, **raw.get("train", {})},
+        "sweep": {"methods": ["echo", "vae-vamp", "vae"], "betas": [1.0], **raw.get("sweep", {})}}))
 
 
 def trial_configs(p: Params, tmp_path) -> list[dict]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -25,6 +24,7 @@ from pydantic import BaseModel
 from echo import METHODS, clip_factor, echo_sample
 from echo.data import DATASETS
 from pipeline.config import Params, ParamsError, load_params
+from support.params import write_params
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -160,12 +160,6 @@ def bad_field(draw):
         node.update({"low": 0.1, "high": 0.5})
     node[path[-1]] = value
     return dotted, raw
-
-
-def write_params(tmp_path: Path, raw: dict) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def assert_refused_naming(path: Path, field: str) -> str:

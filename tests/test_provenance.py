@@ -15,17 +15,14 @@ from pipeline.config import Params
 from pipeline.sweep.experiment import experiment_uid, fingerprint, same_settings
 from pipeline.records import CSV_COLUMNS, SETTING_COLUMNS
 from pipeline.sweep.trials import csv_row, trial_provenance
+from support.params import as_params, tiny_params
 
 
 def params(train=None, **sweep) -> Params:
-    raw = {"data": {"dataset": "digits"},
-           "train": {"epochs": 2, "batch_size": 50, **(train or {})},
-           "sweep": {"name": "p", "methods": ["echo", "vae"], "betas": [0.5, 1.0],
-                     "archs": ["mlp"], "latent_dims": [4], **sweep}}
-    for key in ("method_options", "dataset_method_options"):
-        if key in raw["sweep"]:
-            raw[key] = raw["sweep"].pop(key)
-    return Params.model_validate(raw)
+    top = {key: sweep.pop(key) for key in ("method_options", "dataset_method_options")
+           if key in sweep}
+    return as_params(tiny_params("p", run=False, train=train or {},
+                                 sweep={"methods": ["echo", "vae"], **sweep}, **top))
 
 
 def fingerprint_before_this_change(p: Params) -> dict:

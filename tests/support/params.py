@@ -15,11 +15,17 @@ REPO = Path(__file__).resolve().parents[2]
 # `python -m stages.sweep` as DVC runs it, quietly (Tune's progress tables off).
 SWEEP = [sys.executable, "-m", "stages.sweep", "--params", "params.yaml", "--verbose", "0"]
 
+# What every tiny setting has: the digits, two epochs of batch 50, the MLP with 4 latents.
 BASE = {
     "data": {"dataset": "digits"},
-    "train": {"epochs": 2, "batch_size": 50, "lr": 3e-3, "device": "cpu"},
-    "sweep": {"methods": ["vae"], "betas": [0.5, 1.0], "archs": ["mlp"], "latent_dims": [4],
-              "train_limit": 200, "test_limit": 100, "max_concurrent": 2},
+    "train": {"epochs": 2, "batch_size": 50},
+    "sweep": {"methods": ["vae"], "betas": [0.5, 1.0], "archs": ["mlp"], "latent_dims": [4]},
+}
+# What a run of the stages adds: few images, the CPU, two trials at once, a SQLite store, a
+# small evaluation.
+RUN = {
+    "train": {"lr": 3e-3, "device": "cpu"},
+    "sweep": {"train_limit": 200, "test_limit": 100, "max_concurrent": 2},
     "tracking": {"uri": "sqlite:///mlflow.db"},
     "evaluate": {"iwae_k": 4, "batch_size": 50, "test_limit": 100},
     "frontier": {"recon_samples": 2},
@@ -28,12 +34,20 @@ BASE = {
 EVERY_EPOCH = {"checkpoint_every": 1, "checkpoint_min_interval_s": 0}
 
 
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()      # a value in `tiny_params`' changes that removes the key (None is a value)
+
+
 def merged(base: dict, changes: dict) -> dict:
-    """`base` with `changes` applied: dicts merge key by key, None removes a key, any other
-    value replaces."""
+    """`base` with `changes` applied: dicts merge key by key, DROP removes a key, any other
+    value (None included) replaces."""
     out = copy.deepcopy(base)
     for key, value in changes.items():
-        if value is None:
+        if value is DROP:
             out.pop(key, None)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merged(out[key], value)
@@ -42,11 +56,13 @@ def merged(base: dict, changes: dict) -> dict:
     return out
 
 
-def tiny_params(name: str = "tiny", **sections) -> dict:
-    """Raw params.yaml content: BASE with `sections` merged in (`train={"epochs": 6}`,
-    `sweep={...}`, `tracking=None` to leave a section out). The sweep and the MLflow experiment
-    are named `name`, unless `sections` says otherwise."""
-    raw = merged(BASE, {"sweep": {"name": name}, "tracking": {"experiment": name}})
+def tiny_params(name: str = "tiny", *, run: bool = True, **sections) -> dict:
+    """Raw params.yaml content: BASE (and RUN, for a run of the stages) with `sections` merged
+    in (`train={"epochs": 6}`, `sweep={...}`, `tracking=DROP` to leave a section out). The sweep
+    (and with `run` the MLflow experiment) is named `name`, unless `sections` says otherwise."""
+    raw = merged(BASE, {"sweep": {"name": name}})
+    if run:
+        raw = merged(merged(raw, RUN), {"tracking": {"experiment": name}})
     return merged(raw, sections)
 
 
