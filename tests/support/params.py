@@ -76,3 +76,17 @@ def as_params(raw: dict):
     """The validated `pipeline.config.Params` of raw settings."""
     from pipeline.config import Params
     return Params.model_validate(raw)
+
+
+def write_sweep_params(root: Path, name: str, *, betas=(0.5, 1.0), epochs: int = 2,
+                       db: str | Path = "mlflow.db", uri: str | None = None,
+                       train: dict | None = None, **sweep) -> Path:
+    """params.yaml in `root` for the fault tests' sweep: VAE trials (one per beta) of 200
+    digits, a checkpoint every epoch, one CPU each, no retries (`max_failures` 0, unless
+    `sweep` says otherwise), no beta warm-up, tracked in the SQLite file `db` (or `uri`) under
+    the experiment `name`."""
+    return write_params(root, tiny_params(
+        name, train={"epochs": epochs, "beta_warmup_steps": 0, **(train or {})},
+        sweep={"betas": list(betas), "max_failures": 0, **EVERY_EPOCH, "resources": {"cpu": 1},
+               **sweep},
+        tracking={"uri": uri or f"sqlite:///{db}"}))

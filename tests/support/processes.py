@@ -136,6 +136,25 @@ def serve(start: Callable[[int], subprocess.Popen], log: Path, *, what: str = "s
     raise AssertionError(f"{what}: every port tried was taken")
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The error lines a stage wrote, from `error: ` on (Ray may add a notice about its auth
+    mode; evaluate's progress bar, left open by the error, may precede one on its line); a
+    traceback fails the test."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             proc: subprocess.Popen | None = None, every: float = 0.3) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds, or at once
+    if `proc` (the process that should make it hold) ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc is None or proc.poll() is None, f"the process ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
 def stop(proc: subprocess.Popen | None, grace: float = 0) -> None:
     """Stop a process started with `start_new_session=True` and everything in its session:
     SIGTERM and up to `grace` seconds to end (if `grace`), then SIGKILL; then reap it."""
