@@ -17,7 +17,7 @@ from echo.train import load_train_test
 from pipeline.config import Params
 from pipeline.sweep.experiment import storage_uri
 from pipeline.data_errors import data_error_line
-from pipeline.mlflow_store import resolve_tracking_uri
+from pipeline.mlflow_store import resolve_tracking_uri, sqlite_path
 from pipeline.sweep.errors import SweepError, unwritable
 from pipeline.sweep.trainable import train_config, trial_base
 from pipeline.stage_files import StageFiles
@@ -96,14 +96,11 @@ def check_tracking_store(params: Params, root: Path) -> None:
     now, before the old experiment is archived or anything trains (else: tracebacks after Ray
     started). A missing one is fine: MLflow creates it."""
     import sqlite3
-    uri = resolve_tracking_uri(params.tracking.uri, root)
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(resolve_tracking_uri(params.tracking.uri, root))
+    if db is None or not db.exists():
         return
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    if not db.exists():
-        return
-    fix = (f"restore it from a backup, or move it away (MLflow creates a new store and a "
-           f"rerun writes the sweep's runs into it) and run the stage again")
+    fix = ("restore it from a backup, or move it away (MLflow creates a new store and a "
+           "rerun writes the sweep's runs into it) and run the stage again")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True,
                                                 timeout=30)) as con:
@@ -185,9 +182,9 @@ def output_folders(params: Params, root: Path, files: StageFiles) -> list[tuple[
     folders.append((f"{ARTIFACT_DIR}/ (MLflow artifacts)", root / ARTIFACT_DIR))
     if "://" not in params.sweep.storage_path:
         folders.append(("sweep.storage_path", Path(storage_uri(params, root))))
-    uri = resolve_tracking_uri(params.tracking.uri, root)
-    if uri.startswith("sqlite:///"):
-        folders.append(("tracking.uri", Path(uri[len("sqlite:///"):]).parent))
+    db = sqlite_path(resolve_tracking_uri(params.tracking.uri, root))
+    if db is not None:
+        folders.append(("tracking.uri", db.parent))
     return folders
 
 
