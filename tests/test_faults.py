@@ -557,7 +557,10 @@ def test_reliability_doc_matches_the_tests():
     for file, test in named:
         assert re.search(rf"^def {test}\(", (REPO / file).read_text(), re.M), f"{file}::{test}"
     for file in ("tests/test_faults.py", "tests/test_bad_input.py", "tests/test_properties.py",
-                 "tests/test_determinism.py", "tests/test_reliability2.py"):
+                 "tests/test_determinism.py", "tests/test_sweep_lock.py",
+                 "tests/test_sweep_preflight.py", "tests/test_sweep_outcomes.py",
+                 "tests/test_sweep_resume.py", "tests/test_tracking_store.py",
+                 "tests/test_untrusted_files.py"):
         tests = set(re.findall(r"^def (test_\w+)\(", (REPO / file).read_text(), re.M))
         tests -= {"test_reliability_doc_matches_the_tests", "test_every_leaf_field_is_covered",
                   "test_every_field_has_cases"}          # checks of the tests themselves
