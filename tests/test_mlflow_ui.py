@@ -11,19 +11,16 @@ import contextlib
 import io
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from system_tools import chromium
+
+from support.params import DROP, tiny_params, write_params
+from support.processes import dead_port
+from support.system_tools import chromium
+from support.tracking import mlflow_server
 
 pytest.importorskip("mlflow")
 
@@ -36,12 +33,6 @@ from pipeline.results.tracking import (EVALUATE_ARTIFACTS, FRONTIER_ARTIFACTS,  
 from pipeline.records import NOTE_TAG, PARENT_TAG  # noqa: E402
 
 TRIALS = ("echo_b1_mlp_z4", "vae_b1_mlp_z4")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -144,12 +135,13 @@ def test_results_are_logged_once_and_a_lost_store_is_one_warning(tmp_path, monke
 
     # Unreachable stores: one warning line each, nothing raised, no empty store created.
     missing_db = tmp_path / "elsewhere" / "mlflow.db"
-    for uri in (f"http://127.0.0.1:{free_port()}", f"sqlite:///{missing_db}"):
-        lost = Params.model_validate({"tracking": {"uri": uri}})
-        assert not publish("frontier", lost)
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"warning: MLflow ({uri})"), err
-        assert "python -m pipeline.results.tracking" in err
+    with dead_port() as port:                  # held: nothing listens there meanwhile
+        for uri in (f"http://127.0.0.1:{port}", f"sqlite:///{missing_db}"):
+            lost = Params.model_validate({"tracking": {"uri": uri}})
+            assert not publish("frontier", lost)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith(f"warning: MLflow ({uri})"), err
+            assert "python -m pipeline.results.tracking" in err
     assert not missing_db.exists()
 
 
@@ -184,15 +176,11 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
     from stages.sweep import main as sweep_main
 
     root = tmp_path_factory.mktemp("ui")
-    (root / "params.yaml").write_text(yaml.safe_dump({
-        "data": {"dataset": "digits"},
-        "train": {"epochs": 1, "batch_size": 50, "lr": 0.003, "device": "cpu"},
-        "sweep": {"name": "ui", "methods": ["echo", "vae", "infovae"], "betas": [1.0],
-                  "archs": ["mlp"], "latent_dims": [4], "seeds": [0], "max_concurrent": 2,
-                  "train_limit": 150, "test_limit": 60},
-        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "ui"},
-        "evaluate": {"iwae_k": 8, "test_limit": 60},
-        "frontier": {"recon_samples": 2}}))
+    write_params(root, tiny_params(
+        "ui", train={"epochs": 1},
+        sweep={"methods": ["echo", "vae", "infovae"], "betas": [1.0], "seeds": [0],
+               "train_limit": 150, "test_limit": 60},
+        evaluate={"iwae_k": 8, "batch_size": DROP, "test_limit": 60}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert prepare_main([]) == 0
@@ -204,50 +192,14 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
     return root, printed.getvalue()
 
 
-@contextlib.contextmanager
-def mlflow_ui(db: Path):
-    """`mlflow ui` on a free port of 127.0.0.1, stopped (its whole process group) at the end;
-    its log in mlflow_ui.log beside the store (a pipe nobody reads would fill and block it)."""
-    port = free_port()
-    log = (db.parent / "mlflow_ui.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, \
-                f"mlflow ui exited: {(db.parent / 'mlflow_ui.log').read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow ui did not answer within 180 s"
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        with contextlib.suppress(ProcessLookupError):    # workers that outlived the parent
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
-
 @pytest.mark.slow
+@pytest.mark.xdist_group("ui_pipeline")           # the tiny pipeline run, once
 def test_every_run_records_its_settings_its_commit_and_its_colour(pipeline_run):
     from echo.methods import method_options
     from pipeline.colors import method_color
     from pipeline.records import COLOR_TAG, COMMIT_TAG
     from pipeline.mlflow_store import git_commit
-    from pipeline.sweep.tracking import TRIAL_SETTINGS
+    from pipeline.records import PROVENANCE_SETTINGS as TRIAL_SETTINGS
 
     root, _ = pipeline_run
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -279,6 +231,7 @@ def _printed_link(printed: str, url: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ui_pipeline")           # the tiny pipeline run, once
 def test_from_the_printed_link_the_ui_compares_every_trial_and_shows_the_answer(pipeline_run):
     """The user's path in a real browser: the link the frontier stage prints opens the sweep's
     runs in chart mode with the rate-distortion scatter; one click (unfolding the sweep's run)
@@ -303,7 +256,7 @@ def test_from_the_printed_link_the_ui_compares_every_trial_and_shows_the_answer(
     first_line = next(line for line in in_words.splitlines() if line.startswith("- At β"))
     wait = 120_000                            # ms; the UI's bundle is large on a busy machine
 
-    with mlflow_ui(root / "mlflow.db") as url, sync_playwright() as pw:
+    with mlflow_server(root / "mlflow.db", command="ui") as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, headless=True,
                                      args=["--no-sandbox"])       # root in CI containers
         try:
@@ -355,6 +308,7 @@ def _rgb(color: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ui_pipeline")           # the tiny pipeline run, once
 def test_rerun_stages_add_nothing_and_an_unreachable_store_is_a_warning(pipeline_run,
                                                                        monkeypatch):
     from stages.evaluate import main as evaluate_main
@@ -370,11 +324,12 @@ def test_rerun_stages_add_nothing_and_an_unreachable_store_is_a_warning(pipeline
 
     # The files are the results: a tracking server that is down leaves the stage at exit 0.
     params = yaml.safe_load(Path("params.yaml").read_text())
-    params["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"
-    Path("lost.yaml").write_text(yaml.safe_dump(params))
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert frontier_main(["--params", "lost.yaml"]) == 0
+    with dead_port() as port:                  # held: nothing listens there meanwhile
+        params["tracking"]["uri"] = f"http://127.0.0.1:{port}"
+        Path("lost.yaml").write_text(yaml.safe_dump(params))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert frontier_main(["--params", "lost.yaml"]) == 0
     lines = err.getvalue().splitlines()
     assert [line for line in lines if "MLflow" in line or line.startswith("warning")] == [
         line for line in lines if line.startswith(f"warning: MLflow ({params['tracking']['uri']})")]
