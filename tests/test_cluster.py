@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from system_tools import require_tool
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+from support.processes import free_ports, serve
+from support.system_tools import require_tool
 YAMLS = ("cluster.yaml", "cluster-onprem.yaml")
 
 
@@ -152,28 +152,6 @@ while data := conn.recv(65536):
 '''
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"sshd exited:\n{proc.stderr.read()}"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"sshd did not listen on 127.0.0.1:{port}")
-
-
 @pytest.fixture
 def ssh_head(tmp_path: Path):
     """A "head box" at 127.0.0.1: a real sshd (throwaway host and user keys, key login only) in
@@ -196,10 +174,9 @@ def ssh_head(tmp_path: Path):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "echo-rd-test",
                         "-f", str(ssh / key)], check=True)
     (ssh / "authorized_keys").write_text((ssh / "user.pub").read_text())
-    port = _free_ports(1)[0]
-    (ssh / "sshd_config").write_text(f"""\
+    config = f"""\
 ListenAddress 127.0.0.1
-Port {port}
+Port {{port}}
 HostKey {ssh / 'host'}
 AuthorizedKeysFile {ssh / 'authorized_keys'}
 PermitRootLogin prohibit-password
@@ -210,7 +187,7 @@ UsePAM no
 StrictModes no
 PidFile none
 Subsystem sftp internal-sftp
-""")
+"""
     # The head's account: root with `home` as its home directory (sshd starts sessions there and
     # sets HOME from the passwd entry), and the Python running this test on its login PATH.
     passwd = "".join(re.sub(r"^(root:[^:]*:0:0:[^:]*:)[^:]*:", rf"\g<1>{home}:", line)
@@ -222,13 +199,24 @@ Subsystem sftp internal-sftp
     inside = (f"mount --bind {ssh / 'passwd'} /etc/passwd && "
               f"mount --bind {ray_tmp} /tmp/ray && "
               f"exec /usr/sbin/sshd -D -e -f {ssh / 'sshd_config'}")
-    proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--mount-proc",
-                             "--propagation", "private", "--kill-child", "sh", "-c", inside],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    log = ssh / "sshd.log"
+    started: list[subprocess.Popen] = []
+
+    def start(port: int) -> subprocess.Popen:
+        (ssh / "sshd_config").write_text(config.format(port=port))
+        with open(log, "ab") as err:
+            started.append(subprocess.Popen(
+                ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation",
+                 "private", "--kill-child", "sh", "-c", inside],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True))
+        return started[-1]
+
     namespace = None
+    proc = None
     try:
-        _wait_port(port, proc)
+        # On a free port, started again on another if another process took it meanwhile.
+        proc, port = serve(start, log, what="sshd", timeout=20)
         child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
         namespace = os.readlink(f"/proc/{child}/ns/pid")
         (ssh / "relay.py").write_text(RELAY)
@@ -237,12 +225,23 @@ Subsystem sftp internal-sftp
     finally:
         # unshare ignores SIGTERM while it waits; killed, it takes sshd (--kill-child), the
         # namespace's first process, and the kernel then ends everything else in the namespace.
-        proc.kill()
-        proc.wait(timeout=60)
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while namespace and _in_namespace(namespace) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not (namespace and _in_namespace(namespace)), "the head's processes outlived it"
+
+
+def _launcher_state() -> Path:
+    """Where Ray's cluster launcher keeps a local cluster's node list and lock on this machine
+    (Ray's temp folder: /tmp/ray unless RAY_TMPDIR or TMPDIR say otherwise)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:                       # a private module: it moved
+        return Path("/tmp/ray")
+    return Path(get_default_ray_temp_dir())
 
 
 def _in_namespace(namespace: str) -> list[str]:
@@ -303,7 +302,7 @@ def test_ray_up_submit_down_on_an_onprem_cluster_over_ssh(tmp_path: Path, ssh_he
     token, _ = ensure_token(tmp_path / "local-home")
     config["file_mounts"] = {t: (str(token) if s == RAY_TOKEN else s)
                              for t, s in config["file_mounts"].items()}
-    gcs, dashboard, agent = _free_ports(3)
+    gcs, dashboard, agent = free_ports(3)
     start = [c for c in config["head_start_ray_commands"] if "--port=6379" in c]
     assert len(start) == 1
     config["head_start_ray_commands"] = [
@@ -319,7 +318,7 @@ def test_ray_up_submit_down_on_an_onprem_cluster_over_ssh(tmp_path: Path, ssh_he
     try:
         _ok(_cli(["ray", "up", "-y", "--no-config-cache", str(cluster)], project))
         assert (home / "params.yaml").read_text() == (project / "params.yaml").read_text()
-        assert (home / "pipeline" / "sweep.py").is_file()
+        assert (home / "pipeline" / "sweep" / "run.py").is_file()
 
         log = _ok(_cli(submit, project))
         assert "4 trials (4 completed)" in log, log[-3000:]
@@ -347,7 +346,7 @@ def test_ray_up_submit_down_on_an_onprem_cluster_over_ssh(tmp_path: Path, ssh_he
         down = _cli(["ray", "down", "-y", str(cluster)], project, timeout=120)
         # The launcher's local state for this cluster: its node list and lock, and the folder
         # of its SSH control sockets (ray/autoscaler/_private/command_runner.py names it).
-        for leftover in Path("/tmp/ray").glob(f"cluster-{config['cluster_name']}.*"):
+        for leftover in _launcher_state().glob(f"cluster-{config['cluster_name']}.*"):
             leftover.unlink()
         digest = [hashlib.sha256(s.encode()).hexdigest()[:10]
                   for s in (getpass.getuser(), config["cluster_name"])]
