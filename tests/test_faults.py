@@ -23,7 +23,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -36,7 +35,6 @@ import psutil
 import pytest
 import ray
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -44,8 +42,10 @@ from echo.train import fit, load_checkpoint
 from pipeline.config import load_params
 from pipeline.sweep.run import run_sweep
 from pipeline.sweep.trainable import train_config
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, child_env, newest_history
+from support.params import write_sweep_params
+from support.processes import kill_tree, naming, serve, tree
+from support.tracking import sweep_runs as mlflow_runs
 OVERFLOW_BETA = 1e39        # beta * rate > float32 max (3.4e38): the loss is inf at step one
 SECRET = "canary-5f3e9a1b-not-a-real-secret"
 SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "ECHO_API_TOKEN")
@@ -58,64 +58,21 @@ SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "ECHO_API_TO
 
 def write_params(root: Path, name: str, *, db: Path, methods, betas, epochs=3,
                  max_concurrent=2, train_limit=300) -> Path:
-    raw = {
-        "data": {"dataset": "digits"},
-        # No beta warm-up: OVERFLOW_BETA must overflow at step one, not once the warm-up has
-        # scaled it up past float32's range (~170 steps at the default 500).
-        "train": {"epochs": epochs, "batch_size": 50, "lr": 3e-3, "device": "cpu",
-                  "beta_warmup_steps": 0},
-        "sweep": {"name": name, "methods": methods, "betas": betas, "archs": ["mlp"],
-                  "latent_dims": [4], "train_limit": train_limit, "test_limit": 100,
-                  "max_concurrent": max_concurrent, "max_failures": 2, "checkpoint_every": 1,
-                  "checkpoint_min_interval_s": 0,
-                  "resources": {"cpu": 1}},
-        "tracking": {"uri": f"sqlite:///{db}", "experiment": name},
-        "evaluate": {"iwae_k": 4, "batch_size": 50, "test_limit": 100},
-        "frontier": {"recon_samples": 2},
-    }
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """This module's sweeps: `methods` x `betas`, 300 digits, two retries a trial (the faults
+    kill workers). No beta warm-up: OVERFLOW_BETA must overflow at step one, not once the
+    warm-up has scaled it up past float32's range (~170 steps at the default 500)."""
+    return write_sweep_params(root, name, db=db, betas=betas, epochs=epochs, methods=methods,
+                              max_concurrent=max_concurrent, train_limit=train_limit,
+                              max_failures=2)
 
 
-def child_env(**extra) -> dict:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_db(tmp_path_factory) -> Path:
-    """One SQLite store for the module, its schema created once (that alone takes seconds);
-    each test has its own experiment in it."""
+    """One SQLite store for these tests in a worker, its schema created once (that alone takes
+    seconds); each test has its own experiment in it."""
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     MlflowClient(f"sqlite:///{db}").search_experiments()
     return db
-
-
-def mlflow_runs(db: Path, experiment: str):
-    client = MlflowClient(f"sqlite:///{db}")
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("echo.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("echo.role") == "trial"]
-    return client, parents, children
-
-
-def kill_tree(processes) -> None:
-    """SIGKILL the given psutil processes (if still the same processes) and reap them."""
-    alive = []
-    for proc in processes:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-            alive.append(proc)
-    psutil.wait_procs(alive, timeout=10)
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    return []
 
 
 class Recorder(tune.Callback):
@@ -218,6 +175,7 @@ def faulty_sweep(tmp_path_factory, mlflow_db):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("faulty_sweep")          # the module's faulty sweep, run once
 def test_killed_trial_worker_restarts_from_its_checkpoint(faulty_sweep):
     killer, table = faulty_sweep["killer"], faulty_sweep["table"]
     target = "echo_b1_mlp_z4"
@@ -238,6 +196,7 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(faulty_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("faulty_sweep")          # the module's faulty sweep, run once
 def test_killed_trial_and_its_neighbours_end_as_if_nothing_happened(faulty_sweep):
     """Bit-for-bit: the resumed trial and the trial that shared the sweep with it finish with
     the metrics of uninterrupted runs (the resume restores weights, optimiser, schedule, RNG)."""
@@ -249,6 +208,7 @@ def test_killed_trial_and_its_neighbours_end_as_if_nothing_happened(faulty_sweep
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("faulty_sweep")          # the module's faulty sweep, run once
 def test_nonfinite_trial_is_stopped_with_its_reason_in_tune_and_mlflow(faulty_sweep):
     killer = faulty_sweep["killer"]
     table = faulty_sweep["table"].set_index("trial_id")
@@ -273,6 +233,7 @@ def test_nonfinite_trial_is_stopped_with_its_reason_in_tune_and_mlflow(faulty_sw
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("faulty_sweep")          # the module's faulty sweep, run once
 def test_frontier_goes_on_without_nonfinite_trials_and_names_them(faulty_sweep):
     root = faulty_sweep["root"]
     (eval_code, _), (frontier_code, frontier_err) = (faulty_sweep["logs"]["evaluate"],
@@ -287,6 +248,7 @@ def test_frontier_goes_on_without_nonfinite_trials_and_names_them(faulty_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("faulty_sweep")          # the module's faulty sweep, run once
 def test_mlflow_params_hold_no_secrets_or_absolute_paths(faulty_sweep):
     root = faulty_sweep["root"]
     _, parents, children = mlflow_runs(faulty_sweep["db"], "faulty")
@@ -326,18 +288,6 @@ def finished_trials(db: Path, experiment: str, *, polling: bool = True) -> set[s
         if not polling:
             raise
         return set()
-
-
-def newest_history(trial_dir: Path) -> list[dict]:
-    """The per-epoch metrics (wall-clock `epoch_seconds` included) in the newest intact
-    checkpoint a trial wrote. Workers write checkpoints straight to storage, so unlike Tune's
-    buffered result.json they survive a SIGKILLed driver."""
-    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
-        try:
-            return load_checkpoint(folder / "model.pt")["history"]
-        except ValueError:
-            continue
-    return []
 
 
 @pytest.mark.slow
@@ -401,28 +351,11 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(tmp_path, ml
 # ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "ray start exited early"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"Ray head did not listen on {port}")
-
-
 @pytest.fixture
 def two_node_cluster():
     """A head and one worker node on 127.0.0.1 (one CPU each), each `ray start --block` in its
     own session and temp dir; stopped by PID afterwards (never `ray stop`)."""
     base = Path(tempfile.mkdtemp(prefix="rh8-", dir="/tmp"))      # short: socket path limits
-    port = free_port()
     ray_cli = str(Path(sys.executable).with_name("ray"))
     # Node death is noticed within ~1.5 s instead of the default ~30 s.
     # Ray reads RAY_AUTH_MODE once, when this test process imports it (token auth off unless
@@ -431,14 +364,21 @@ def two_node_cluster():
                     RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0",
                     RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
-    logs = open(base / "ray-start.log", "w")
+    log = base / "ray-start.log"
+    logs = open(log, "ab")
     nodes = {}
-    try:
-        nodes["head"] = subprocess.Popen(
-            [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={base}/h",
+    heads: list[subprocess.Popen] = []
+
+    def start_head(port: int) -> subprocess.Popen:
+        heads.append(subprocess.Popen(
+            [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={base}/h{len(heads)}",
              "--include-dashboard=false", *common], env=env, start_new_session=True,
-            stdout=logs, stderr=subprocess.STDOUT)
-        wait_for_port(port, nodes["head"])
+            stdout=logs, stderr=subprocess.STDOUT))
+        return heads[-1]
+
+    try:
+        # On a free port, started again on another if another process took it meanwhile.
+        nodes["head"], port = serve(start_head, log, what="the Ray head", timeout=120)
         nodes["worker"] = subprocess.Popen(
             [ray_cli, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={base}/w", *common],
             env=env, start_new_session=True, stdout=logs, stderr=subprocess.STDOUT)
@@ -446,13 +386,10 @@ def two_node_cluster():
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
-        mine = [p for node in nodes.values() for p in tree(node.pid)]
-        # Processes that left the trees (daemonised) still name our temp dir on their line.
-        for proc in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error, TypeError):
-                if str(base) in " ".join(proc.info["cmdline"] or ()):
-                    mine.append(proc)
-        kill_tree(mine)
+        mine = [p for node in [*heads, *nodes.values()] for p in tree(node.pid)]
+        # Processes that left the trees (daemonised) still name our temp dir (as a whole path:
+        # never another test's) on their line.
+        kill_tree(mine + naming(base))
         logs.close()
         shutil.rmtree(base, ignore_errors=True)
 
