@@ -21,11 +21,10 @@ import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel
 
-from support import snapshot
 from echo.train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoint
 from pipeline.config import Params
+from support import REPO, child_env, snapshot
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "sweep", "evaluate", "frontier")     # every stage reading params.yaml
 
 
@@ -163,8 +162,7 @@ CLI_CASES = [("prepare", "unknown_dataset"), ("sweep", "negative_beta"),
 def test_named_bad_params_through_the_real_cli(tmp_path):
     """Fresh interpreters running the stages as DVC does (started together: they only import
     and validate): non-zero exit, one line naming the field, nothing written."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     runs = []
     for stage, case in CLI_CASES:
         folder = tmp_path / f"{stage}-{case}"

@@ -4,9 +4,9 @@ within its target of B x d_max x D floats."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+
 
 
 def test_quick_benchmarks_run_and_the_echo_noise_stays_within_its_memory_target():

@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from echo.train import TrainConfig, fit
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"epoch_seconds"}      # wall-clock, the only metric allowed to differ
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from echo import build_model
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "mlp", "--methods", "echo,vae", "--seeds", "0", "--epochs", "3",
         "--train-images", "300", "--test-images", "200", "--jobs", "1", "--iwae-k", "4"]
 

@@ -7,7 +7,6 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ import torch
 from echo.ensemble import fit_ensemble
 from echo.graphs import GraphedStep, graph_ready_adam, portable_optimizer_state
 from echo.train import TrainConfig, fit
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DIGITS = TrainConfig(method="echo", dataset="digits", arch="mlp", latent_dim=8, epochs=6,

@@ -9,7 +9,6 @@ import os
 import re
 import tomllib
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from packaging.markers import default_environment
@@ -17,7 +16,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 RELOCK = "run `pip install uv && python3 .ci/lock.py`"
 

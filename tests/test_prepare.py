@@ -14,9 +14,9 @@ import pytest
 
 from echo.data import (DataError, check_prepared, file_digest, load_prepared, manifest_path,
                        prepare)
+from support import REPO
 from support.data_files import fake_mnist, write_amat_dir, write_chardata, write_mnist_dir
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_stage(cwd: Path, params: str) -> subprocess.CompletedProcess:

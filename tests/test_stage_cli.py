@@ -4,15 +4,14 @@ out, and a stage given other paths reads and writes those."""
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.cli import EXIT_BAD_PARAMS, EXIT_FAILED, parser_for
 from pipeline.stage_files import DEFAULT_FILES, READS, WRITES, option, stage_file_names
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "sweep", "evaluate", "frontier")
 
 
