@@ -15,7 +15,7 @@ from support.files import trained_epochs
 from support.mounts import read_only
 from support.params import write_sweep_params
 from support.processes import error_lines, wait_for
-from support.tracking import metric_rows, metric_steps, start_mlflow
+from support.tracking import metric_rows, metric_steps, start_mlflow, sweep_runs
 
 
 @pytest.mark.slow
@@ -25,8 +25,6 @@ def test_tracking_server_outage_is_bridged_or_ends_in_one_line(tmp_path):
     epoch logged once. Left dead (with the wait bounded at 10 s): the stage stops, exit 1, in
     one line that names the store and says a rerun resumes, instead of blocking ~4 minutes a
     call and ending in tracebacks."""
-    from mlflow.tracking import MlflowClient
-
     db, log = tmp_path / "server.db", tmp_path / "server.log"
     server, port = start_mlflow(db, log)                   # on a free port
     uri = f"http://127.0.0.1:{port}"
@@ -46,11 +44,7 @@ def test_tracking_server_outage_is_bridged_or_ends_in_one_line(tmp_path):
             assert driver.wait(timeout=600) == 0, (tmp_path / "driver.err").read_text()[-3000:]
         stderr = (tmp_path / "driver.err").read_text()
         assert "Traceback" not in stderr and "unreachable" in stderr and "is back" in stderr
-        client = MlflowClient(uri)
-        found = client.get_experiment_by_name("outage")
-        everything = client.search_runs([found.experiment_id])
-        parents = [r for r in everything if r.data.tags.get("echo.role") == "sweep"]
-        children = [r for r in everything if r.data.tags.get("echo.role") == "trial"]
+        client, parents, children = sweep_runs(uri, "outage")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert len(children) == 2
         for child in children:
