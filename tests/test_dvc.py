@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+from support.dvc_project import make_project
+from support.dvc_project import run as _run
 STAGES = ("prepare", "sweep", "evaluate", "frontier")
 PACKAGES = ("echo", "pipeline", "stages")
 
@@ -90,57 +90,15 @@ def test_stage_deps_are_exactly_the_code_it_imports(stage):
 
 
 # ---- end to end -----------------------------------------------------------------------------
-# Overrides of the project's params.yaml (DVC needs every field a stage lists to be in it).
-TINY_PARAMS = {
-    "data": {"dataset": "digits"},
-    # no beta warm-up: 12 steps are shorter than the default's, and the betas should differ
-    "train": {"epochs": 2, "batch_size": 50, "lr": 0.002, "beta_warmup_steps": 0, "device": "cpu"},
-    "sweep": {"name": "tiny", "methods": ["echo", "vae"], "betas": [0.3, 1.0],
-              "archs": ["mlp"], "latent_dims": [4], "seeds": [0, 1], "max_concurrent": 2,
-              "train_limit": 300, "test_limit": 100},
-    "evaluate": {"iwae_k": 8, "test_limit": 100},
-    "frontier": {"recon_samples": 2},
-}
 OUTPUTS = ("data/prepared/digits.npz", "data/prepared/digits.manifest.json", "results/sweep.csv",
            "results/evaluation.csv", "results/comparison.csv", "metrics.json",
            "results/frontier.csv",
            "results/rd_curves.png", "results/reconstructions.png", "results/table.md")
 
 
-def _project_files() -> list[str]:
-    """Tracked and not-ignored files of the checkout (what a fresh clone plus work in progress
-    holds); never caches, results or Ray/MLflow state."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
-
-
-def _run(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
-           "RAY_ADDRESS": "", "PYTHONPATH": "", "DVC_NO_ANALYTICS": "1", **(env or {})}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n" \
-                                   f"{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    for name in _project_files():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((REPO / name).read_bytes())
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        params[section] = {**params.get(section, {}), **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "commit", "-qm", "project"], root)
-    return root
+    return make_project(tmp_path / "project")
 
 
 def _ran(log: str) -> list[str]:

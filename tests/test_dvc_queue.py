@@ -6,14 +6,15 @@ Ray's experiment folders) lands in the checkout, each experiment apart, as docs/
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_dvc import _run, project  # noqa: F401 - `project`: the temporary repository fixture
+
+from support.dvc_project import dvc_env, make_project
+from support.dvc_project import run as _run
 
 QUEUED = {"exp-a": [1.0], "exp-b": [0.5]}      # one trial each (metrics.json reports beta = 1)
 
@@ -26,11 +27,9 @@ def _state_overrides(root: Path) -> list[str]:
             "-S", f"sweep.storage_path={root}/ray_results"]
 
 
-def _env() -> dict:
-    """What test_dvc._run gives its commands (the queue worker commits the experiments)."""
-    return {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
-            "RAY_ADDRESS": "", "PYTHONPATH": "", "DVC_NO_ANALYTICS": "1"}
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
 
 
 def _wait_for_workers(root: Path, timeout: float = 1500) -> None:
@@ -45,12 +44,12 @@ def _wait_for_workers(root: Path, timeout: float = 1500) -> None:
                 if (text := f.read_text().strip()).isdigit()]
         if pids and not any(Path(f"/proc/{pid}").exists() for pid in pids):
             return
-        time.sleep(5)
+        time.sleep(0.5)            # reads two small files: polling often costs nothing
     raise TimeoutError(f"the queue's workers still run after {timeout:.0f} s")
 
 
 @pytest.mark.slow
-def test_two_queued_experiments_keep_their_mlflow_runs_and_ray_results_apart(project):  # noqa: F811
+def test_two_queued_experiments_keep_their_mlflow_runs_and_ray_results_apart(project):
     from mlflow.tracking import MlflowClient
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -73,11 +72,11 @@ def test_two_queued_experiments_keep_their_mlflow_runs_and_ray_results_apart(pro
             _run(["dvc", "exp", "run", "--queue", "-n", name,
                   "-S", f"sweep.betas={json.dumps(betas)}", *_state_overrides(project)], project)
         # The worker it starts lives on in the background, holding any pipe it was given.
-        subprocess.run(["dvc", "queue", "start"], cwd=project, env=_env(), check=True,
+        subprocess.run(["dvc", "queue", "start"], cwd=project, env=dvc_env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         _wait_for_workers(project)
     finally:
-        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=_env(),
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=dvc_env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     status = _run(["dvc", "queue", "status"], project)
     assert status.count("Success") == 2, status
