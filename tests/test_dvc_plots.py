@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from pipeline.colors import METHOD_COLORS, method_color
-from system_tools import chromium
+from support import REPO
+from support.system_tools import chromium
 
-REPO = Path(__file__).resolve().parents[1]
 FRONTIER = "R-D frontier per method"
 TRIALS = "Every evaluated trial"
 # Rates whose text order is not their numeric order, per method, distortion falling with rate.
@@ -85,6 +85,7 @@ def _specs(root: Path, *args: str) -> dict[str, dict]:
             if entries and entries[0]["type"] == "vega"}
 
 
+@pytest.mark.xdist_group("dvc_plots_repo")        # the module's repository, made once
 def test_dvc_fills_the_templates_with_text_that_the_specs_turn_into_numbers(plots_repo):
     spec = _specs(plots_repo, "show")[FRONTIER]
     values = spec["data"]["values"]
@@ -115,6 +116,7 @@ WALK = """async (spec) => {
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("dvc_plots_repo")
 def test_plots_render_offline_in_numeric_order_and_diff_separates_revisions(plots_repo):
     browser_path = chromium()
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
