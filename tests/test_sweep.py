@@ -14,7 +14,6 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 pytest.importorskip("optuna")
 
-from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
@@ -28,11 +27,19 @@ from pipeline.sweep.trainable import train_config  # noqa: E402
 from pipeline.records import CSV_COLUMNS  # noqa: E402
 from echo.metrics import EPOCH_METRICS  # noqa: E402
 from stages.sweep import main as stage_main  # noqa: E402
+from support.params import EVERY_EPOCH, as_params  # noqa: E402
+from support.params import tiny_params as support_tiny_params  # noqa: E402
+from support.tracking import sweep_runs  # noqa: E402
+
+# One worker runs this module (its local Ray with 8 logical CPUs is started once); the other
+# worker runs the rest of the suite meanwhile.
+pytestmark = pytest.mark.xdist_group("sweep_8cpu_ray")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    """One local Ray for all tests here; 8 logical CPUs so that 8 trials can run at once."""
+    """One local Ray for all tests here; 8 logical CPUs so that 8 trials can run at once
+    (logical: on 2 cores they take turns)."""
     started = connect_ray(num_cpus=8)
     yield
     if started:
@@ -40,24 +47,17 @@ def ray_instance():
 
 
 def tiny_params(name: str, **sweep) -> Params:
-    return Params.model_validate({
-        "data": {"dataset": "digits"},
-        "train": {"epochs": 2, "batch_size": 50, "lr": 3e-3, **sweep.pop("train", {})},
-        "sweep": {"name": name, "methods": ["echo", "vae"], "betas": [0.5, 1.0],
-                  "latent_dims": [4], "archs": ["mlp"], "train_limit": 150, "test_limit": 60,
-                  "max_concurrent": 2, "checkpoint_every": 1, "checkpoint_min_interval_s": 0,
-                  **sweep},
-        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "test"},
-    })
+    """Echo and VAE at two betas on 150 digits, a checkpoint every epoch, tracked in
+    ./mlflow.db under the experiment "test"; `sweep` changes the sweep (and `train=`)."""
+    return as_params(support_tiny_params(
+        name, run=False, train={"lr": 3e-3, **sweep.pop("train", {})},
+        sweep={"methods": ["echo", "vae"], "train_limit": 150, "test_limit": 60,
+               "max_concurrent": 2, **EVERY_EPOCH, **sweep},
+        tracking={"uri": "sqlite:///mlflow.db", "experiment": "test"}))
 
 
 def mlflow_runs(root: Path):
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("test")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("echo.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("echo.role") == "trial"]
-    return client, parents, children
+    return sweep_runs(root / "mlflow.db", "test")
 
 
 class EpochLog(tune.Callback):

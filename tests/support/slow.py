@@ -32,6 +32,20 @@ SECONDS = {
     "tests/test_determinism.py::test_same_seed_in_a_fresh_process_gives_identical_metrics": 5,
     "tests/test_cluster_security.py::test_yaml_head_refuses_clients_without_the_token[cluster.yaml]": 5,
     "tests/test_cluster_security.py::test_yaml_head_refuses_clients_without_the_token[cluster-onprem.yaml]": 5,
+    # Tests that went into an xdist group or a new file (targeted runs under load, scaled by
+    # 0.25): the group's fixture counts with its first test.
+    "tests/test_faults.py::test_killed_trial_worker_restarts_from_its_checkpoint": 25,
+    "tests/test_faults.py::test_lost_worker_node_trials_are_rescheduled_and_the_sweep_completes": 15,
+    "tests/test_untrusted_files.py::test_crafted_pickles_in_the_experiment_folder_are_refused_and_never_run": 26,
+    "tests/test_sweep_outcomes.py::test_sweep_without_a_completed_trial_fails_and_closes_old_runs": 25,
+    "tests/test_mlflow_ui.py::test_every_run_records_its_settings_its_commit_and_its_colour": 28,
+    # test_sweep is one group (one 8-CPU Ray): ~145 s in all.
+    "tests/test_sweep.py::test_grid_sweep_tracks_every_trial_in_mlflow_and_writes_the_table": 33,
+    "tests/test_sweep.py::test_interrupted_sweep_resumes_without_retraining_finished_trials": 23,
+    "tests/test_sweep.py::test_packed_betas_train_one_trial_per_method_and_stay_per_beta_downstream": 22,
+    "tests/test_sweep.py::test_a_diverging_member_stops_alone_and_its_packed_trial_goes_on": 15,
+    "tests/test_sweep.py::test_a_diverging_trial_is_marked_nonfinite_and_the_others_complete": 14,
+    "tests/test_sweep.py::test_the_sweep_writes_its_table_and_models_where_it_is_told": 5,
 }
 # The MLP learning tests of test_fidelity (one xdist group: 9 methods trained once, flows of
 # 128 units): ~60 s on a quiet machine, iaf-maf the longest (~10 s).
