@@ -32,12 +32,11 @@ from pipeline.config import Params, SweepParams, is_free
 from pipeline.sweep.experiment import (experiment_lock, experiment_uid, fingerprint, same_settings,
                                        signed_storage, storage_uri, stored_settings, stored_uid,
                                        verify_experiment_state)
-from pipeline.mlflow_store import resolve_tracking_uri
+from pipeline.mlflow_store import resolve_tracking_uri, store_unreachable
 from pipeline.sweep.search import GridOptunaSearch, GridPointASHA, search_space
 from pipeline.stage_files import DEFAULT_FILES, StageFiles
 from pipeline.sweep.errors import SweepError, SweepFailed, SweepInterrupted  # noqa: F401
 from pipeline.sweep.tracking import SweepTracker
-from pipeline.mlflow_store import store_unreachable
 from pipeline.sweep.trainable import train_trial, trial_base
 from pipeline.records import ARTIFACT_DIR, CSV_COLUMNS, MODEL_FILE, TrialStatus, trial_checkpoint
 from pipeline.sweep.trials import (csv_row, grid_points, member_folder, member_outcome,
