@@ -5,6 +5,9 @@ The README's command runs the suite in two workers (`-n 2 --dist loadgroup`). Ea
   (RAY_ADDRESS=local: never the other worker's, nor one recorded in /tmp/ray);
 - runs torch on one intra-op thread (OMP_NUM_THREADS=1 for what it starts): two workers share
   the machine's cores;
+- runs Ray's workers at the niceness of everything else (RAY_worker_niceness=0; Ray's default
+  15 starves a sweep's trials behind the other test worker while its driver, Ray's daemons and
+  the test's own polling go on at full priority);
 - is handed the slowest tests first (support.slow), so that the longest ones run side by side
   at the start instead of one after the other at the end. Tests whose module builds something
   expensive once (a trained model, a whole sweep) carry `xdist_group` marks: one worker runs
@@ -45,11 +48,13 @@ def pytest_collection_modifyitems(config, items):
 def isolated_worker(tmp_path_factory):
     """What two workers (or a developer's own sweeps) must not share: the key that signs sweep
     state (its own file per session, also for the drivers tests start), and a Ray instance
-    (RAY_ADDRESS=local: ray.init starts a new local Ray, never joining another)."""
+    (RAY_ADDRESS=local: ray.init starts a new local Ray, never joining another). Ray's workers
+    run at normal priority (see the module's docstring)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ECHO_STATE_KEY_FILE", str(tmp_path_factory.getbasetemp() / "state.key"))
         if not os.environ.get("RAY_ADDRESS"):
             mp.setenv("RAY_ADDRESS", "local")
+        mp.setenv("RAY_worker_niceness", "0")
         yield
 
 
