@@ -294,9 +294,11 @@ def test_eight_concurrent_trials_share_one_sqlite_store(tmp_path):
                          resources={"cpu": 1}, train={"epochs": 2})
     watch = EpochLog()
     run_sweep(params, tmp_path, callbacks=(watch,), verbose=0)
-    # eight worker processes were started at once (one per trial, none free to be reused),
-    # and trials overlapped (how many at a time depends on how fast the workers come up)
-    assert len(watch.pids) == 8 and watch.most_live >= 2
+    # Trials overlapped, each live trial in its own worker process (how many at a time depends
+    # on how fast the workers come up; the sweep reuses actors, so a trial that ends before the
+    # last worker is up hands its process to a pending trial: 6 processes for 8 trials once the
+    # workers no longer imported scikit-learn).
+    assert watch.most_live >= 2 and len(watch.pids) >= watch.most_live
     csv = pd.read_csv(tmp_path / "results/sweep.csv")
     assert len(csv) == 8 and set(csv.status) == {"completed"}
     client, parents, children = mlflow_runs(tmp_path)
