@@ -32,7 +32,7 @@ from pipeline.config import Params, SweepParams, is_free
 from pipeline.sweep.experiment import (experiment_lock, experiment_uid, fingerprint, same_settings,
                                        signed_storage, storage_uri, stored_settings, stored_uid,
                                        verify_experiment_state)
-from pipeline.mlflow_store import resolve_tracking_uri, store_unreachable
+from pipeline.mlflow_store import first_line, resolve_tracking_uri, store_unreachable
 from pipeline.sweep.search import GridOptunaSearch, GridPointASHA, search_space
 from pipeline.stage_files import DEFAULT_FILES, StageFiles
 from pipeline.sweep.errors import SweepError, SweepFailed, SweepInterrupted  # noqa: F401
@@ -184,7 +184,7 @@ def run_sweep(params: Params, root: Path | str = ".", *, files: StageFiles = DEF
             # At start-up or while writing the results: one line, and the rerun resumes.
             raise SweepInterrupted(
                 f"tracking.uri {params.tracking.uri}: the store is unreachable "
-                f"({str(err).strip().splitlines()[0][:200]}); start it (or fix tracking.uri) "
+                f"({first_line(err)}); start it (or fix tracking.uri) "
                 f"and run the stage again: the sweep resumes where it stopped") from None
         finally:
             if started:
