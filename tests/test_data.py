@@ -302,13 +302,14 @@ def test_binarize_is_bernoulli_of_the_intensity_and_chunk_independent():
 
 
 def test_digits_split_is_fixed_binary_and_covers_every_image():
+    import sklearn
     from sklearn.datasets import load_digits
     from echo.data.sets.digits import _sklearn_digits
     # The bundled file read directly (without importing scikit-learn) is load_digits' data.
     images, target, version = _sklearn_digits()
     bunch = load_digits()
     assert np.array_equal(images, bunch.images) and images.dtype == bunch.images.dtype
-    assert np.array_equal(target, bunch.target)
+    assert np.array_equal(target, bunch.target) and version == sklearn.__version__
     d = load_splits("digits")
     sizes = {s: len(d.splits[s][0]) for s in ("train", "valid", "test")}
     assert sizes == {"train": 1257, "valid": 180, "test": 360}
