@@ -179,7 +179,7 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
     write_params(root, tiny_params(
         "ui", train={"epochs": 1},
         sweep={"methods": ["echo", "vae", "infovae"], "betas": [1.0], "seeds": [0],
-               "train_limit": 150, "test_limit": 60},
+               "train_limit": 150, "test_limit": 60, "max_concurrent": 1},  # one Ray worker
         evaluate={"iwae_k": 8, "batch_size": DROP, "test_limit": 60}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -91,7 +91,7 @@ def test_second_driver_refuses_naming_the_running_one(tmp_path, monkeypatch, cap
     # Retries: the winner's trials may crash once on a loaded machine (both drivers then ended 1
     # in 2 of 6 loaded runs); a retried trial resumes from its checkpoint, and every epoch must
     # still be logged once (asserted below).
-    write_sweep_params(tmp_path, "dup", max_failures=2)
+    write_sweep_params(tmp_path, "dup", max_failures=2, max_concurrent=1)     # one Ray worker
     monkeypatch.chdir(tmp_path)
     assert prepare_main(["--params", "params.yaml"]) == 0
     with drivers(tmp_path, 2) as procs:

@@ -13,11 +13,13 @@ from .params import DROP, REPO, tiny_params
 CODE = ("echo/", "pipeline/", "stages/", "benchmarks/")
 # Overrides of the project's params.yaml, section by section (DVC needs every field a stage
 # lists to be in it). No beta warm-up: 12 steps are shorter than the default's, and the betas
-# should differ.
+# should differ. One trial at a time: a Ray worker process costs ~7 CPU-s of imports and these
+# trials ~1 s each, so a second worker would cost more than it saves on a 2-core machine running
+# two tests at once (tests/test_sweep.py and tests/test_faults.py run trials side by side).
 TINY_PARAMS = tiny_params(
     "tiny", train={"lr": 0.002, "beta_warmup_steps": 0},
     sweep={"methods": ["echo", "vae"], "betas": [0.3, 1.0], "seeds": [0, 1],
-           "train_limit": 300},
+           "train_limit": 300, "max_concurrent": 1},
     tracking=DROP, evaluate={"iwae_k": 8, "batch_size": DROP})
 
 
