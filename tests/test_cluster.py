@@ -132,13 +132,11 @@ def test_onprem_cluster_syncs_what_the_sweep_imports():
 
 
 # ---- ray up / submit / down on an SSH "head" at 127.0.0.1 -----------------------------------
-# One trial at a time: one Ray worker process (~7 CPU-s of imports) instead of two for trials of
-# about a second each (support/dvc_project.py says why).
 TINY = {
     "data": {"dataset": "digits"},
     "train": {"epochs": 2, "batch_size": 50, "lr": 0.002, "device": "cpu"},
     "sweep": {"name": "cluster", "methods": ["echo", "vae"], "betas": [0.3, 1.0],
-              "archs": ["mlp"], "latent_dims": [4], "max_concurrent": 1, "train_limit": 200,
+              "archs": ["mlp"], "latent_dims": [4], "max_concurrent": 2, "train_limit": 200,
               "test_limit": 100, "checkpoint_every": 1, "checkpoint_min_interval_s": 0},
 }
 RELAY = '''"""ssh ProxyCommand: connect stdin/stdout to host:port (Ray has no ssh port setting)."""
