@@ -68,13 +68,18 @@ def start_mlflow(db: Path, log: Path, *, command: str = "server", port: int | No
     port of 127.0.0.1 (`port`: that one, e.g. to restart a server where its clients look), in
     its own session, once it answers /health; its output appended to `log` (a pipe nobody reads
     would fill and block it)."""
+    # Without MLflow's server-side job execution (GenAI jobs, which the project never submits):
+    # by default MLflow 3's server also starts 8 huey job processes, ~30 CPU-s to start and
+    # ~0.65 of a core for as long as it runs (measured; docs/performance.md). Tracking and the
+    # UI are the same without them.
     def start(chosen: int) -> subprocess.Popen:
         with open(log, "ab") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "mlflow", command, "--backend-store-uri",
                  f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(chosen),
                  "--workers", "1"],
-                env=child_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+                env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     return serve(start, log, what=f"mlflow {command}", timeout=timeout, port=port,
                  ready=healthy)
 
