@@ -7,8 +7,8 @@
 The paper's recipe (App. B) scaled down for a CPU: binary MNIST, the paper's conv network, 32
 latents, batch 100, Adam 3e-4 constant for the first half of training then linearly to 0, beta 1
 (after the library's beta warm-up, docs/methods.md), `--train-images` of the training set for
-`--epochs` epochs. Every (method, seed) is one `echo.train.fit` run in its own process with one
-thread (`--jobs` at a time). Each run appends its per-epoch metrics to `<out>/runs/*.csv` as it
+`--epochs` epochs. Every (method, seed) is one `echo.train.fit` run with one thread, `--jobs`
+at a time, each in its own process (in this one with `--jobs 1`). Each run appends its per-epoch metrics to `<out>/runs/*.csv` as it
 goes, so an interrupted benchmark keeps the curves it has. At the end it writes
 
 - `summary.csv`: per method the test rate, distortion and -ELBO (nats, last epoch), mean and
@@ -23,6 +23,7 @@ Echo, the rate of its low-rate limit; both are printed beside the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta-warmup-steps", type=int, default=BETA_WARMUP_STEPS)
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one process each")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one process each (1: in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=os.environ.get("ECHO_MNIST_DIR",
@@ -476,11 +477,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{marginal:.2f} nats, Echo low-rate limit {floor:.2f} nats", flush=True)
     start = time.perf_counter()
     failures = []
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        pending = [(job, pool.apply_async(run_one, (job,))) for job in jobs]
+    # One run at a time (or one left) trains in this process: a pool's worker is a new
+    # interpreter that imports torch again (~3 CPU-s), for nothing to run in parallel.
+    in_process = args.jobs == 1 or len(jobs) < 2
+    with contextlib.ExitStack() as stack:
+        pool = None if in_process else stack.enter_context(
+            multiprocessing.get_context("spawn").Pool(args.jobs))
+        pending = [(job, pool and pool.apply_async(run_one, (job,))) for job in jobs]
         for job, handle in pending:
             try:
-                handle.get()
+                handle.get() if handle else run_one(job)
             except Exception as err:           # one failed run must not lose the others
                 failures.append(f"{job['config']['method']} seed {job['config']['seed']}: "
                                 f"{type(err).__name__}: {err}")

@@ -55,10 +55,15 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     code = str(Path(__file__).resolve().parents[2])          # the checkout (pipeline/sweep/..)
     path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": path}}
+    # A Ray started here prestarts idle workers on every CPU; the trials never use them (they
+    # run in workers started with the runtime env above), and each costs ~1 CPU-s to start:
+    # prestarting is off (docs/performance.md). A cluster's own settings are its own.
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
              num_cpus=None if address else num_cpus,
              runtime_env=runtime_env, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False,
+             _system_config=None if address else {"enable_worker_prestart": False,
+                                                  "prestart_worker_first_driver": False})
     return True
 
 
