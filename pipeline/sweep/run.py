@@ -55,15 +55,17 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     code = str(Path(__file__).resolve().parents[2])          # the checkout (pipeline/sweep/..)
     path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": path}}
-    # A Ray started here prestarts idle workers on every CPU; the trials never use them (they
-    # run in workers started with the runtime env above), and each costs ~1 CPU-s to start:
-    # prestarting is off (docs/performance.md). A cluster's own settings are its own.
+    if not address:
+        # A Ray this call starts prestarts an idle worker on every CPU; the trials never use
+        # them (they run in workers started with the runtime env above), and each costs ~1 CPU-s
+        # to start. Ray's raylet reads these when it starts: a Ray this call joins (one started
+        # by `ray start` on this node) keeps its own.
+        os.environ.setdefault("RAY_enable_worker_prestart", "0")
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
              num_cpus=None if address else num_cpus,
              runtime_env=runtime_env, include_dashboard=False,
-             log_to_driver=False, configure_logging=False,
-             _system_config=None if address else {"enable_worker_prestart": False,
-                                                  "prestart_worker_first_driver": False})
+             log_to_driver=False, configure_logging=False)
     return True
 
 
