@@ -38,3 +38,30 @@ def test_method_steps_times_every_registered_method_by_default():
     from echo import METHODS
     methods = registered_methods()
     assert methods[0] == "vae" and sorted(methods) == sorted(METHODS)
+
+
+def test_process_cpu_finds_the_process_that_used_the_cpu(tmp_path):
+    # A child that spins ~1 CPU-s beside one that sleeps: their kind ("other") holds at least
+    # that second (more if the other test worker runs an "other" process meanwhile), and the
+    # counted total does not exceed what the machine used.
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 1: pass"
+    command = [sys.executable, "-c",
+               f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+               f"{spin!r}]); time.sleep(0.2); p.wait()"]
+    out = tmp_path / "cpu.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.process_cpu", "--interval", "0.1",
+                           "--json", str(out), "--", *command], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    other = result["kinds"]["other"]
+    assert other["processes"] >= 2 and other["cpu_s"] >= 0.9, result
+    counted = sum(k["cpu_s"] for k in result["kinds"].values())
+    assert counted <= result["machine_cpu_s"] + 0.5, result
+    assert "counted, of" in done.stdout and "other" in done.stdout
+
+
+def test_process_cpu_without_a_command_is_refused():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.process_cpu", "--"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no command" in done.stderr.splitlines()[-1]
