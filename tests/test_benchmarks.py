@@ -44,7 +44,9 @@ def test_process_cpu_finds_the_process_that_used_the_cpu(tmp_path):
     # A child that spins ~1 CPU-s beside one that sleeps: their kind ("other") holds at least
     # that second (more if the other test worker runs an "other" process meanwhile), and the
     # counted total does not exceed what the machine used.
-    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 1: pass"
+    # (It then sleeps 0.5 s, so that a reading after the spin is certain.)
+    spin = ("import time; t = time.process_time()\nwhile time.process_time() - t < 1: pass\n"
+            "time.sleep(0.5)")
     command = [sys.executable, "-c",
                f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
                f"{spin!r}]); time.sleep(0.2); p.wait()"]
