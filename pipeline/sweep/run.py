@@ -59,7 +59,8 @@ def connect_ray(num_cpus: int | None = None) -> bool:
         # A Ray this call starts prestarts an idle worker on every CPU; the trials never use
         # them (they run in workers started with the runtime env above), and each costs ~1 CPU-s
         # to start. Ray's raylet reads these when it starts: a Ray this call joins (one started
-        # by `ray start` on this node) keeps its own.
+        # by `ray start` on this node) keeps its own. They stay in this process's environment:
+        # a Ray it starts later (or a `ray start` it runs) prestarts none either.
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
