@@ -8,8 +8,9 @@ The paper's recipe (App. B) scaled down for a CPU: binary MNIST, the paper's con
 latents, batch 100, Adam 3e-4 constant for the first half of training then linearly to 0, beta 1
 (after the library's beta warm-up, docs/methods.md), `--train-images` of the training set for
 `--epochs` epochs. Every (method, seed) is one `echo.train.fit` run with one thread, `--jobs`
-at a time, each in its own process (in this one with `--jobs 1`). Each run appends its per-epoch metrics to `<out>/runs/*.csv` as it
-goes, so an interrupted benchmark keeps the curves it has. At the end it writes
+at a time, each in its own process (in this one with `--jobs 1`). Each run appends its
+per-epoch metrics to `<out>/runs/*.csv` as it goes, so an interrupted benchmark keeps the
+curves it has. At the end it writes
 
 - `summary.csv`: per method the test rate, distortion and -ELBO (nats, last epoch), mean and
   sample standard deviation over seeds, and the number of seeds;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import multiprocessing
@@ -384,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta-warmup-steps", type=int, default=BETA_WARMUP_STEPS)
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one process each (1: in this process)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at a time, one process each (1: in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=os.environ.get("ECHO_MNIST_DIR",
@@ -479,14 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     # One run at a time (or one left) trains in this process: a pool's worker is a new
     # interpreter that imports torch again (~3 CPU-s), for nothing to run in parallel.
-    in_process = args.jobs == 1 or len(jobs) < 2
     with contextlib.ExitStack() as stack:
-        pool = None if in_process else stack.enter_context(
-            multiprocessing.get_context("spawn").Pool(args.jobs))
-        pending = [(job, pool and pool.apply_async(run_one, (job,))) for job in jobs]
-        for job, handle in pending:
+        if args.jobs == 1 or len(jobs) < 2:
+            pending = [(job, functools.partial(run_one, job)) for job in jobs]
+        else:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(args.jobs))
+            pending = [(job, pool.apply_async(run_one, (job,)).get) for job in jobs]
+        for job, result in pending:
             try:
-                handle.get() if handle else run_one(job)
+                result()
             except Exception as err:           # one failed run must not lose the others
                 failures.append(f"{job['config']['method']} seed {job['config']['seed']}: "
                                 f"{type(err).__name__}: {err}")
