@@ -47,6 +47,13 @@ def test_method_options_from_params_reach_each_trials_model(tmp_path):
     # Without d_max, Echo's clipping factor follows the run's batch (from_run): 49 terms at 50.
     echo_trial = next(c for c in trial_configs(params(), tmp_path) if c["method"] == "echo")
     assert make_model(train_config(echo_trial), (1, 8, 8)).channel.clip_factor == clip_factor(49)
+    # The record of a trial (its sweep.csv row, its MLflow params) holds the values its model
+    # used, also those Echo's rules chose: 49 terms and their clipping factor, not "none".
+    row = csv_row(echo_trial, {}, "completed", "", "")
+    assert (row["d_max"], row["clip_factor"]) == (49, clip_factor(49))
+    given = csv_row(next(c for c in trial_configs(p, tmp_path) if c["method"] == "echo"), {},
+                    "completed", "", "")
+    assert (given["d_max"], given["clip_factor"]) == (20, clip_factor(20))
     assert not hasattr(models["vae"].channel, "d_max")       # options stay with their method
     # The options are part of the sweep's identity: another value is another sweep.
     from pipeline.sweep.experiment import fingerprint

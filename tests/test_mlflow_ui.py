@@ -195,6 +195,7 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.slow
 @pytest.mark.xdist_group("ui_pipeline")           # the tiny pipeline run, once
 def test_every_run_records_its_settings_its_commit_and_its_colour(pipeline_run):
+    from echo import clip_factor
     from echo.methods import method_options
     from pipeline.colors import method_color
     from pipeline.records import COLOR_TAG, COMMIT_TAG
@@ -213,6 +214,8 @@ def test_every_run_records_its_settings_its_commit_and_its_colour(pipeline_run):
                                *(["iwae_k"] if method != "echo" else [])}, method
         assert params["epochs"] == "1" and params["beta_warmup_steps"] and params["lr_decay_start"]
         assert ("clip_factor" in params) == (method == "echo") and params.get("iwae_k") in (None, "8")
+        if method == "echo":           # the value its rule chose for the batch, not "none"
+            assert float(params["clip_factor"]) == clip_factor(int(params["batch_size"]) - 1)
         assert tags[COLOR_TAG] == method_color(method)
         assert tags.get(COMMIT_TAG) == commit            # None only outside a git checkout
         assert set(run.data.metrics) >= {"final_test_rate", "final_test_distortion"}

@@ -100,11 +100,12 @@ def test_a_trials_row_and_params_are_every_setting_and_option_it_used_once():
     row = csv_row(config, record, "completed", "", "x.pt")
     provenance = trial_provenance(config)
     # Every training setting (defaults included: grad_clip off, the warm-up), nothing local
-    # (paths), Echo's options with the values used, no other method's.
+    # (paths), Echo's options with the values used (d_max: what its rule picks for None, the
+    # batch's other examples), no other method's.
     assert set(provenance) == {*provenance_settings(), *method_options("echo")}
     assert provenance["grad_clip"] is None and provenance["beta_warmup_steps"] == 500
     assert (provenance["clip_factor"], provenance["d_max"], provenance["f_range"]) == \
-        (0.7, None, 1.0)
+        (0.7, config["batch_size"] - 1, 1.0)
     assert not {"data_root", "prepared", "out", "progress", "options"} & set(row)
     assert {k: row[k] for k in provenance} == provenance
     # The record's schedule lr does not overwrite the trial's lr setting.

@@ -6,8 +6,9 @@
 so adding a baseline is adding one file here. A builder's keyword options are the method's
 options (`method_options`; params.yaml sets them under `method_options: {<method>: ...}`); it
 declares with `register` which it takes from the run instead (`from_run`, e.g. Echo's
-batch_size), which may be searched by Optuna (`tunable`) and a `check` of its options that
-runs before any training, with errors in the caller's spelling. Nothing outside this package
+batch_size), which may be searched by Optuna (`tunable`), a `check` of its options that
+runs before any training, with errors in the caller's spelling, and what its rules pick for an
+option left None (`resolve`, for the record of what a run used: `resolved_options`). Nothing outside this package
 branches on a method's name. `build_model` assembles the shared networks and hands them over.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MethodSpec:
     from_run: tuple[str, ...] = ()       # options filled from the run's TrainConfig field
     tunable: tuple[str, ...] = ()        # options a sweep may search over (numbers)
     check: Callable | None = None        # check(options, names=...) -> None or ValueError
+    resolve: Callable | None = None      # resolve(options) -> options, None replaced by the rule's
 
 
 METHODS: dict[str, Callable[..., Autoencoder]] = {}
@@ -37,7 +39,7 @@ SPECS: dict[str, MethodSpec] = {}
 
 
 def register(name: str, *, from_run: tuple[str, ...] = (), tunable: tuple[str, ...] = (),
-             check: Callable | None = None):
+             check: Callable | None = None, resolve: Callable | None = None):
     def add(builder: Callable[..., Autoencoder]):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
@@ -47,7 +49,7 @@ def register(name: str, *, from_run: tuple[str, ...] = (), tunable: tuple[str, .
             raise ValueError(f"method {name!r} declares {sorted(unknown)}, which its builder "
                              f"does not take")
         METHODS[name] = builder
-        SPECS[name] = MethodSpec(builder, tuple(from_run), tuple(tunable), check)
+        SPECS[name] = MethodSpec(builder, tuple(from_run), tuple(tunable), check, resolve)
         return builder
     return add
 
@@ -75,6 +77,19 @@ def tunable_options(method: str) -> tuple[str, ...]:
 def run_options(method: str, training) -> dict:
     """The options a method takes from the run: {name: getattr(training, name)}."""
     return {name: getattr(training, name) for name in _spec(method).from_run}
+
+
+def resolved_options(method: str, options: dict, *, training) -> dict:
+    """The method's options as a model of the run's `training` settings uses them: its
+    defaults, then `options`, with what its own rules pick where a value is None (`resolve`,
+    e.g. Echo's clipping factor solved for the run's batch): the values a record of the run
+    holds. Its own options only, not those it takes from the run."""
+    spec = _spec(method)
+    given = {**method_options(method), **options}
+    if spec.resolve is None:
+        return given
+    resolved = spec.resolve({**given, **run_options(method, training)})
+    return {name: resolved[name] for name in given}
 
 
 def check_method_options(method: str, options: dict, *, training=None,

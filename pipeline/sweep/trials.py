@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import fields
 
-from echo.methods import method_options
+from echo.methods import method_options, resolved_options
 from echo.metrics import EPOCH_METRICS
 from echo.settings import TrainConfig
 from pipeline.config import Params
@@ -36,11 +36,12 @@ def trial_provenance(config: dict) -> dict:
     """What one per-beta trial was trained with, each setting and option once: every
     provenance setting of its TrainConfig (`train_config`: the value it trained with, defaults
     included), then its method's options (the method's defaults, then params.yaml's and the
-    searched ones; `None` is the method's own rule, e.g. Echo's solved clipping factor).
+    searched ones, with the value the method's own rule picks where one is None, e.g. Echo's
+    clipping factor solved for the batch: `echo.methods.resolved_options`).
     results/sweep.csv's setting columns and its MLflow child run's params."""
     cfg = train_config(config)
     return {**{name: getattr(cfg, name) for name in PROVENANCE_SETTINGS},
-            **method_options(cfg.method), **cfg.method_options}
+            **resolved_options(cfg.method, cfg.method_options, training=cfg)}
 
 
 
