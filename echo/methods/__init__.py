@@ -8,8 +8,8 @@ options (`method_options`; params.yaml sets them under `method_options: {<method
 declares with `register` which it takes from the run instead (`from_run`, e.g. Echo's
 batch_size), which may be searched by Optuna (`tunable`), a `check` of its options that
 runs before any training, with errors in the caller's spelling, and what its rules pick for an
-option left None (`resolve`, for the record of what a run used: `resolved_options`). Nothing outside this package
-branches on a method's name. `build_model` assembles the shared networks and hands them over.
+option left None (`resolve`, for the record of what a run used: `resolved_options`). Nothing
+outside this package branches on a method's name. `build_model` assembles the shared networks and hands them over.
 """
 from __future__ import annotations
 
