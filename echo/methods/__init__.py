@@ -9,7 +9,8 @@ declares with `register` which it takes from the run instead (`from_run`, e.g. E
 batch_size), which may be searched by Optuna (`tunable`), a `check` of its options that
 runs before any training, with errors in the caller's spelling, and what its rules pick for an
 option left None (`resolve`, for the record of what a run used: `resolved_options`). Nothing
-outside this package branches on a method's name. `build_model` assembles the shared networks and hands them over.
+outside this package branches on a method's name. `build_model` assembles the shared networks
+and hands them over.
 """
 from __future__ import annotations
 

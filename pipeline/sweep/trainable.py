@@ -275,8 +275,9 @@ def newest_trial_checkpoint(given: tune.Checkpoint | None,
 def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=None) -> None:
     """A 2-row PNG under a one-line caption: test images above, the model's reconstruction (its
     decoder likelihood's mean) below, each pixel an integer block so that an image is at least
-    RECON_MIN_PIXELS wide (`x_test`: the test set if already loaded). Drawn with Pillow: every trial writes one, and matplotlib's import
-    and a 16-axes figure cost a Ray worker ~0.8 CPU-s against ~0.05 (docs/performance.md)."""
+    RECON_MIN_PIXELS wide (`x_test`: the test set if already loaded). Drawn with Pillow, not a
+    16-axes matplotlib figure: every trial writes one, and a Ray worker then spends ~0.5 CPU-s
+    less (importing matplotlib, drawing the axes; docs/performance.md)."""
     import numpy as np
     import torch
     from PIL import Image, ImageDraw
