@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .flows import PAPER_HIDDEN, PAPER_STEPS, AutoregressiveFlow
-from .noise import clip_factor as solve_clip_factor
-from .noise import echo_rate, echo_sample, echo_terms
+from .noise import echo_clip_factor, echo_rate, echo_sample, echo_terms
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -60,7 +59,7 @@ class EchoChannel(nn.Module):
         self.d_max = d_max
         self.replace = replace
         terms = echo_terms(batch_size, d_max)
-        self.clip_factor = float(clip_factor) if clip_factor is not None else solve_clip_factor(terms)
+        self.clip_factor = echo_clip_factor(terms, clip_factor)
         if not 0 < self.clip_factor < 1:
             raise ValueError(f"clip_factor must lie in (0, 1), got {self.clip_factor}")
         self.log_clip = math.log(self.clip_factor)

@@ -54,6 +54,13 @@ def clip_factor(d_max: int, max_abs_f: float = 1.0, eps: float = FLOAT32_EPS) ->
     return lo
 
 
+def echo_clip_factor(terms: int, given: float | None = None) -> float:
+    """The clipping factor of an Echo channel with `terms` noise terms: `given`, or by default
+    the largest exact one, `clip_factor(terms)`. The one rule for it (the channel uses it, and
+    a run's record says what it picked)."""
+    return float(given) if given is not None else clip_factor(terms)
+
+
 def truncation_error_bound(r: float, d_max: int, max_abs_f: float = 1.0) -> float:
     """Upper bound M r^d_max / (1 - r) on the part of the Echo sum that truncation drops."""
     return max_abs_f * r**d_max / (1.0 - r)

@@ -7,7 +7,7 @@ size comes from the run: it bounds d_max and sets the default clipping factor. f
 f = tanh(a / k), the width of tanh's linear range (Sec. 5), with the f head's initial weights
 scaled by k so that f starts equally spread (docs/methods.md, "f's linear range")."""
 from ..channels import EchoChannel
-from ..noise import check_echo_truncation, clip_factor as solve_clip_factor, echo_terms
+from ..noise import check_echo_truncation, echo_clip_factor, echo_terms
 from . import register
 from .base import Autoencoder
 
@@ -20,11 +20,11 @@ def check(options: dict, *, names: dict) -> None:
 
 def resolve(options: dict) -> dict:
     """What EchoChannel uses where an option is None: the batch's other examples as terms
-    (echo.noise.echo_terms) and the clipping factor solved for that many (Sec. 5)."""
+    (echo.noise.echo_terms) and the clipping factor solved for that many (Sec. 5,
+    echo.noise.echo_clip_factor)."""
     terms = echo_terms(options["batch_size"], options["d_max"])
-    clip = options["clip_factor"]
     return {**options, "d_max": terms,
-            "clip_factor": solve_clip_factor(terms) if clip is None else float(clip)}
+            "clip_factor": echo_clip_factor(terms, options["clip_factor"])}
 
 
 @register("echo", from_run=("batch_size",), tunable=("clip_factor",), check=check,
