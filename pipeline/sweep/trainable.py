@@ -280,7 +280,7 @@ def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=
     less (importing matplotlib, drawing the axes; docs/performance.md)."""
     import numpy as np
     import torch
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     model, _ = load_model(model_path)
     model.eval()
@@ -297,7 +297,8 @@ def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=
     tiles = np.kron(rows, np.ones((scale, scale)))                   # each pixel a block
     cell_h, cell_w = height * scale + RECON_GAP, width * scale + RECON_GAP
     caption = f"{cfg.method} beta={cfg.beta:g}: data (top), reconstruction (bottom)"
-    canvas_w = max(count * cell_w + RECON_GAP, 6 * len(caption) + 2 * RECON_GAP)
+    font = ImageFont.load_default()                              # ImageDraw's own default
+    canvas_w = max(count * cell_w + RECON_GAP, int(font.getlength(caption)) + 1 + 2 * RECON_GAP)
     mosaic = np.ones((RECON_CAPTION + 2 * cell_h + RECON_GAP, canvas_w, channels))
     for r in range(2):
         for c in range(count):
@@ -307,5 +308,6 @@ def write_reconstructions(model_path: Path, cfg: TrainConfig, out: Path, x_test=
     pixels = (mosaic * 255).round().astype(np.uint8)
     image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels,
                             mode="L" if channels == 1 else "RGB")
-    ImageDraw.Draw(image).text((RECON_GAP, 3), caption, fill=0 if channels == 1 else (0, 0, 0))
+    ImageDraw.Draw(image).text((RECON_GAP, 3), caption, fill=0 if channels == 1 else (0, 0, 0),
+                               font=font)
     image.save(out)
