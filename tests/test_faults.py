@@ -19,6 +19,7 @@ take down other users' Ray instances on the same machine).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -40,6 +41,7 @@ from ray import tune
 
 from echo.train import fit, load_checkpoint
 from pipeline.config import load_params
+from pipeline.sweep import run as run_module
 from pipeline.sweep.run import run_sweep
 from pipeline.sweep.trainable import train_config
 from support import REPO, child_env, newest_history
@@ -435,6 +437,14 @@ def test_lost_worker_node_trials_are_rescheduled_and_the_sweep_completes(two_nod
     write_params(tmp_path, "lostnode", db=mlflow_db, methods=["vae"], betas=[0.5, 1.0],
                  max_concurrent=2)
     killer = KillNodeOfFirstTrial(two_node_cluster["worker"].pid, two_node_cluster["head"].pid)
+    # Each trial in an actor of its own. With the sweep's actor reuse, a trial whose actor on the
+    # worker node is still starting is handed the head's actor once the head's trial ends (Tune
+    # drops the pending actor for a cached one): on a loaded machine both trials then ran on the
+    # head, and no node was lost (once in CI, 2026-12-03). One placement group per trial and one
+    # CPU per node put one trial on each node, however slowly the worker node starts its actor.
+    sweep_tune_config = run_module.tune_config
+    monkeypatch.setattr(run_module, "tune_config", lambda params, root: dataclasses.replace(
+        sweep_tune_config(params, root), reuse_actors=False))
     table = run_sweep(load_params(tmp_path / "params.yaml"), tmp_path, callbacks=(killer,),
                       verbose=0).set_index("trial_id")
 
