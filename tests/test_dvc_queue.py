@@ -32,20 +32,34 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
-def _wait_for_workers(root: Path, timeout: float = 1500) -> None:
-    """Wait until the queue's workers have exited (a worker exits when the queue is empty).
-    Not by polling `dvc queue status`: its worker inspection writes to DVC's file-based Celery
-    broker while the worker reads it, and a half-written message kills the worker with a
-    JSONDecodeError, leaving the rest of the queue Queued (treeverse/dvc-task#73)."""
+def _wait_for_results(root: Path, count: int, timeout: float = 1500) -> None:
+    """Wait until `count` queued experiments have ended: Celery's file result backend holds
+    one result per ended task (.dvc/tmp/exps/celery/result), written when DVC's `run_exp` task
+    returns, after it collected the experiment. Read, never written: not by polling `dvc queue
+    status`, whose worker inspection writes to DVC's file-based Celery broker while the worker
+    reads it (a half-written message kills the worker with a JSONDecodeError, leaving the rest
+    of the queue Queued: treeverse/dvc-task#73)."""
+    results = root / ".dvc" / "tmp" / "exps" / "celery" / "result"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(results.glob("celery-task-meta-*"))) >= count:
+            return
+        time.sleep(0.5)            # lists one small folder: polling often costs nothing
+    raise TimeoutError(f"{count} queued experiments did not end within {timeout:.0f} s")
+
+
+def _wait_for_workers(root: Path, timeout: float = 120) -> None:
+    """Wait until the queue's workers have exited (after `dvc queue stop`), so that the `dvc
+    queue` commands that follow never inspect a worker that is shutting down."""
     celery = root / ".dvc" / "tmp" / "exps" / "celery"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = [int(text) for f in celery.glob("dvc-exp-worker-*.pid")
                 if (text := f.read_text().strip()).isdigit()]
-        if pids and not any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
             return
-        time.sleep(0.5)            # reads two small files: polling often costs nothing
-    raise TimeoutError(f"the queue's workers still run after {timeout:.0f} s")
+        time.sleep(0.2)
+    raise TimeoutError(f"the queue's workers still run {timeout:.0f} s after `dvc queue stop`")
 
 
 @pytest.mark.slow
@@ -74,10 +88,14 @@ def test_two_queued_experiments_keep_their_mlflow_runs_and_ray_results_apart(pro
         # The worker it starts lives on in the background, holding any pipe it was given.
         subprocess.run(["dvc", "queue", "start"], cwd=project, env=dvc_env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-        _wait_for_workers(project)
+        _wait_for_results(project, len(QUEUED))
     finally:
+        # Once the queue is done its worker would idle 10 s (DVC's TemporaryWorker timeout)
+        # before exiting on its own: stopped instead (and any experiment still running, when
+        # the test failed).
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=dvc_env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    _wait_for_workers(project)
     status = _run(["dvc", "queue", "status"], project)
     assert status.count("Success") == 2, status
     for name in QUEUED:
