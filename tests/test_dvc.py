@@ -1,10 +1,18 @@
 """The DVC pipeline: dvc.yaml's deps match the code each stage imports, and `dvc repro` runs
 prepare -> sweep -> evaluate -> frontier end to end in a temporary git repository (real Ray
-Tune, MLflow on SQLite, DVC) at tiny settings."""
+Tune, MLflow on SQLite, DVC) at tiny settings; then two experiments through DVC's queue, each a
+whole pipeline in DVC's temporary workspace (<repo>/.dvc/tmp/exps/tmp*), with what is not a DVC
+output (the MLflow store, Ray's experiment folders) landing in the checkout, each experiment
+apart, as docs/pipeline.md ("The experiments queue") tells the user to queue them. One test: the
+queue starts from the first run's committed state (~60 CPU-s less than a project of its own)."""
 from __future__ import annotations
 
 import ast
+import io
 import json
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +21,7 @@ import pytest
 import yaml
 
 from support import REPO
-from support.dvc_project import make_project
+from support.dvc_project import dvc_env, make_project
 from support.dvc_project import run as _run
 STAGES = ("prepare", "sweep", "evaluate", "frontier")
 PACKAGES = ("echo", "pipeline", "stages")
@@ -96,6 +104,12 @@ OUTPUTS = ("data/prepared/digits.npz", "data/prepared/digits.manifest.json", "re
            "results/rd_curves.png", "results/reconstructions.png", "results/table.md")
 
 
+# The queued experiments: one VAE trial each (metrics.json reports beta = 1), a small evaluation.
+QUEUED = {"exp-a": [1.0], "exp-b": [0.5]}
+QUEUED_SMALL = ["-S", 'sweep.methods=["vae"]', "-S", "sweep.seeds=[0]",
+                "-S", "evaluate.iwae_k=2", "-S", "frontier.recon_samples=1"]
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
@@ -110,7 +124,7 @@ def _status(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end(project: Path):
+def test_dvc_repro_end_to_end_then_two_queued_experiments_kept_apart(project: Path):
     log = _run(["dvc", "repro"], project)
     assert _ran(log) == list(STAGES)
     for name in OUTPUTS:
@@ -169,19 +183,33 @@ def test_dvc_repro_end_to_end(project: Path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _status(project) == set()
 
-    # A new beta through a DVC experiment: prepare is skipped, the rest re-runs.
+    # Two experiments through DVC's queue (docs/pipeline.md, "The experiments queue"), each
+    # with its own betas, one VAE trial each: they run one after the other in DVC's temporary
+    # workspaces, prepare skipped (its output is checked out of DVC's cache), the state that is
+    # not a DVC output in the checkout by absolute paths. The MLflow experiment is the one the
+    # `dvc repro` above created in the checkout, so no `mlflow experiments create` first.
     _run(["git", "add", "dvc.lock"], project)
     _run(["git", "commit", "-qm", "first run"], project)
-    log = _run(["dvc", "exp", "run", "-S", "sweep.betas=[0.3,2.0]"], project)
-    assert _ran(log) == ["sweep", "evaluate", "frontier"]
-    assert "Stage 'prepare' didn't change, skipping" in log
-    evaluation = pd.read_csv(project / "results/evaluation.csv")
-    assert sorted(evaluation["beta"].unique()) == [0.3, 2.0]
-    _check_frontier(pd.read_csv(project / "results/frontier.csv"), evaluation)
+    try:
+        for name, betas in QUEUED.items():
+            _run(["dvc", "exp", "run", "--queue", "-n", name,
+                  "-S", f"sweep.betas={json.dumps(betas)}", *QUEUED_SMALL,
+                  *_state_overrides(project)], project)
+        # The worker it starts lives on in the background, holding any pipe it was given.
+        subprocess.run(["dvc", "queue", "start"], cwd=project, env=dvc_env(), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        _wait_for_results(project, len(QUEUED))
+    finally:
+        # Once the queue is done its worker would idle 10 s (DVC's TemporaryWorker timeout)
+        # before exiting on its own: stopped instead (and any experiment still running, when
+        # the test failed).
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=dvc_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    _wait_for_workers(project)
+    _check_queued_experiments(project)
 
-    # The documented views fit a 120-column terminal, every number in full (no "…"); the
-    # experiment has no beta = 1, so only the first run (the baseline row) has neg_elbo.*.
-    comparison = pd.read_csv(project / "results/comparison.csv")
+    # The documented views fit a 120-column terminal, every number in full (no "…"); exp-b
+    # has no beta = 1, so neither neg_elbo.* of its row.
     for command, column in ((["dvc", "metrics", "show"], "D_gap.echo_vs_vae"),
                             (["dvc", "exp", "show", "--drop", ".*", "--keep",
                               "Experiment|neg_elbo|D_gap"], "neg_elbo.vae")):
@@ -191,6 +219,107 @@ def test_dvc_repro_end_to_end(project: Path):
     shown = _run(["dvc", "exp", "show", "--drop", ".*", "--keep", "Experiment|neg_elbo|D_gap",
                   "--csv"], project)
     assert {"neg_elbo.echo", "neg_elbo.vae"} <= set(shown.splitlines()[0].split(",")), shown
+
+
+def _state_overrides(root: Path) -> list[str]:
+    """docs/pipeline.md's recipe: the state that is not a DVC output goes to the checkout by
+    absolute paths, since relative ones would resolve inside each temporary workspace, which
+    DVC deletes after the run."""
+    return ["-S", f"tracking.uri=sqlite:///{root}/mlflow.db",
+            "-S", f"sweep.storage_path={root}/ray_results"]
+
+
+def _wait_for_results(root: Path, count: int, timeout: float = 1500) -> None:
+    """Wait until `count` queued experiments have ended: Celery's file result backend holds
+    one result per ended task (.dvc/tmp/exps/celery/result), written when DVC's `run_exp` task
+    returns, after it collected the experiment. Read, never written: not by polling `dvc queue
+    status`, whose worker inspection writes to DVC's file-based Celery broker while the worker
+    reads it (a half-written message kills the worker with a JSONDecodeError, leaving the rest
+    of the queue Queued: treeverse/dvc-task#73)."""
+    results = root / ".dvc" / "tmp" / "exps" / "celery" / "result"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(results.glob("celery-task-meta-*"))) >= count:
+            return
+        time.sleep(0.5)            # lists one small folder: polling often costs nothing
+    raise TimeoutError(f"{count} queued experiments did not end within {timeout:.0f} s")
+
+
+def _wait_for_workers(root: Path, timeout: float = 120) -> None:
+    """Wait until the queue's workers have exited (after `dvc queue stop`), so that the `dvc
+    queue` commands that follow never inspect a worker that is shutting down."""
+    celery = root / ".dvc" / "tmp" / "exps" / "celery"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [int(text) for f in celery.glob("dvc-exp-worker-*.pid")
+                if (text := f.read_text().strip()).isdigit()]
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the queue's workers still run {timeout:.0f} s after `dvc queue stop`")
+
+
+def _check_queued_experiments(project: Path) -> None:
+    """Both queued experiments succeeded apart: their own params, metrics and outputs in DVC,
+    their own MLflow parent run with its trial in the checkout's store (beside the first run's),
+    their own Ray folder, and every artifact in the checkout, not in a deleted workspace."""
+    import dvc.api
+    from mlflow.tracking import MlflowClient
+    status = _run(["dvc", "queue", "status"], project)
+    assert status.count("Success") == 2, status
+    for name in QUEUED:
+        log = _run(["dvc", "queue", "logs", name], project)
+        assert _ran(log) == ["sweep", "evaluate", "frontier"], log[-2000:]
+        assert "Stage 'prepare' didn't change, skipping" in log, log[-2000:]
+
+    # dvc exp show: both experiments, their betas and their metrics; their outputs from DVC's
+    # cache (evaluation.csv has their betas, frontier.csv only non-dominated points).
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], project))
+    exps = {e["name"]: e for row in shown for e in (row.get("experiments") or [])}
+    exps = {name: e["revs"][0] for name, e in exps.items() if name in QUEUED}
+    assert set(exps) == set(QUEUED), shown
+    for name, betas in QUEUED.items():
+        data = exps[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["sweep"]["betas"] == betas
+        metrics = data["metrics"]["metrics.json"]["data"]      # best -ELBO at beta = 1
+        assert {k for k in metrics if k.startswith("neg_elbo.")} == \
+            ({"neg_elbo.vae"} if 1.0 in betas else set())
+        outputs = {path: pd.read_csv(io.StringIO(dvc.api.read(
+            f"results/{path}", repo=str(project), rev=exps[name]["rev"])))
+            for path in ("evaluation.csv", "frontier.csv")}
+        assert sorted(outputs["evaluation.csv"]["beta"]) == betas
+        _check_frontier(outputs["frontier.csv"], outputs["evaluation.csv"])
+
+    # One MLflow store in the checkout: a parent run per sweep (the first run's and one per
+    # experiment), each with its own trials.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {r.info.run_id: r for r in runs if r.data.tags.get("echo.role") == "sweep"}
+    children = [r for r in runs if r.data.tags.get("echo.role") == "trial"]
+    trials = {parent: [c for c in children if c.data.tags["mlflow.parentRunId"] == parent]
+              for parent in parents}
+    assert sum(map(len, trials.values())) == len(children)
+    assert sorted(map(len, trials.values())) == [1, 1, 8]      # exp-a, exp-b, the first run
+    assert sorted(parents[p].data.params["sweep.betas"] for p, t in trials.items()
+                  if len(t) == 1) == ["0.5", "1"]
+    for parent, its_trials in trials.items():
+        text = parents[parent].data.params["sweep.betas"]
+        betas = {float(b) for b in re.findall(r"[0-9.]+", text)}
+        assert all(float(child.data.params["beta"]) in betas for child in its_trials)
+    # Ray's experiment folders in the checkout: each later sweep kept the earlier one aside.
+    folders = sorted(p.name for p in (project / "ray_results").iterdir() if p.is_dir())
+    assert len(folders) == 3 and folders[0] == params["sweep"]["name"], folders
+    # Every run's artifacts (trials' reconstruction grids, the stages' files on the parent runs)
+    # are in the checkout, not in a deleted workspace.
+    artifacts = (project / "mlartifacts").as_uri()
+    for run in runs:
+        assert run.info.artifact_uri.startswith(artifacts), run.info.artifact_uri
+    for parent in parents:
+        names = {a.path for a in client.list_artifacts(parent)}
+        assert {"evaluation.csv", "metrics.json", "frontier.csv"} <= names, names
+        assert list((project / "mlartifacts").rglob(f"{parent}/artifacts/metrics.json"))
 
 
 def _check_frontier(frontier: pd.DataFrame, evaluation: pd.DataFrame) -> None:
