@@ -147,9 +147,12 @@ def test_table2_gpu_command_runs_in_miniature_on_the_cpu(mnist_dir, tmp_path):
     import os
     import subprocess
     from pathlib import Path
+    # Two processes for the three runs (JOBS=2, the GPU call's 3): one process then trains a
+    # second run after its first, as in the MLP call (27 runs, JOBS=6); one process fewer to
+    # start (~10 CPU-s of imports).
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "EPOCHS": "2", "TRAIN_IMAGES": "200",
-           "TEST_IMAGES": "100", "DEVICE": "cpu", "IWAE_K": "3", "THREADS": "1",
+           "TEST_IMAGES": "100", "DEVICE": "cpu", "IWAE_K": "3", "THREADS": "1", "JOBS": "2",
            "TIME_LIMIT": "0", "DATA_ROOT": str(mnist_dir)}
     proc = subprocess.run(["bash", str(repo / "benchmarks" / "table2_gpu.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
