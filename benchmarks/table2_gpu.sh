@@ -15,7 +15,15 @@
 #     bash benchmarks/table2_gpu.sh
 #
 # Runs are resumable (benchmarks/fidelity.py): with the same OUT, a second call continues each
-# run from its last epoch and skips finished ones.
+# run from its last epoch and skips finished ones (on the same machine: a new device call starts
+# bare, and the checkpoints, 17-80 MB, are over the device's 16-MiB limit on files it returns).
+#
+# Measured on one H200 (docs/results/table2_gpu): the three default runs share the GPU at ~35k
+# training images/s in all, so at TIME_LIMIT=400 they stop at epochs ~101 (echo), ~112 (vae)
+# and ~71 (iaf-prior) of 200. Echo alone trains an epoch in 1.69 s, so one method's whole budget
+# fits one call:
+#
+#   OUT=/some/dir METHODS=echo JOBS=1 TIME_LIMIT=480 IWAE_K=0 bash benchmarks/table2_gpu.sh
 #
 # Writes $OUT/binary_mnist_table.csv, $OUT/fidelity/{runs/*.csv,summary.csv,table.md,
 # neg_elbo.png,run.json} and $OUT/log.txt. Every epoch is appended to the curves as it ends, and
