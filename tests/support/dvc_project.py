@@ -15,8 +15,8 @@ CODE = ("echo/", "pipeline/", "stages/", "benchmarks/")
 # lists to be in it). No beta warm-up: 12 steps are shorter than the default's, and the betas
 # should differ. One trial at a time: a Ray worker process costs ~7 CPU-s of imports and these
 # trials ~1 s each; the `dvc repro` end-to-end test (before the queue scenario joined it) took
-# 135 CPU-s (137 s) alone this way against 168 CPU-s (146 s) with two at a time. (tests/test_sweep.py and tests/test_faults.py are the tests
-# of overlapping trials.)
+# 135 CPU-s (137 s) alone this way against 168 CPU-s (146 s) with two at a time.
+# (tests/test_sweep.py and tests/test_faults.py are the tests of overlapping trials.)
 TINY_PARAMS = tiny_params(
     "tiny", train={"lr": 0.002, "beta_warmup_steps": 0},
     sweep={"methods": ["echo", "vae"], "betas": [0.3, 1.0], "seeds": [0, 1],
